@@ -1,0 +1,2 @@
+from .projector import AlignmentProjector
+from .transformer_sit import SiTTransformer2DModel, SiTTransformer2DModelOutput
