@@ -139,9 +139,9 @@ def train(args, build_method, *, card_template: str, base_model=None):
     encoder = T.LatentEncoder(vae)
     config = T.model_config_from_args(args, sample_size=T.vae_latent_size(vae, args.resolution),
                                       in_channels=vae.config.latent_channels, num_classes=stream.num_classes)
-    model = SiTTransformer2DModel(**config)
     if stream.id2label:
-        model.register_to_config(id2label={int(k): v for k, v in stream.id2label.items()})
+        config["id2label"] = {int(k): v for k, v in stream.id2label.items()}
+    model = SiTTransformer2DModel(**config)
     model.train()
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()

@@ -4,3 +4,5 @@ __version__ = "0.1.0.dev0"
 
 from .models import AlignmentProjector, SiTTransformer2DModel, SiTTransformer2DModelOutput
 from .convert import convert_original_checkpoint
+from .pipelines import SiTPipeline
+from .schedulers import SiTEulerMaruyamaScheduler

@@ -261,6 +261,8 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin):
         use_rope (`bool`, defaults to False): 2-D rotary embedding on q/k (LightningDiT), in addition to the sin-cos one.
         time_convention (`str`, defaults to `"repa"`): `"repa"` = data at t=0, velocity eps - x0 (this package);
             `"sit"` = weights trained with original SiT's reversed time; converted at the model boundary.
+        id2label (`dict`, *optional*): class names from the training data (not used by the network); the pipeline
+            resolves names through it. JSON turns the keys into strings; `SiTPipeline` turns them back.
     """
 
     _supports_gradient_checkpointing = True
@@ -287,6 +289,7 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin):
         mlp_type: str = "gelu",
         use_rope: bool = False,
         time_convention: str = "repa",
+        id2label: Optional[Dict[int, str]] = None,
     ):
         super().__init__()
         if norm_type not in ("layer_norm", "rms_norm"):

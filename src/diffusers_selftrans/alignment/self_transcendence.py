@@ -1,0 +1,198 @@
+# Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
+"""Self-Transcendence stage 2, "self-guided representation" (paper §3.3, Eqs. 3-4; code `loss.py::selftrans_Loss`).
+
+A frozen guiding model (the stage-1 model, same architecture) sees the student's own `x_t` and `t` twice in ONE
+batched pass, with the true labels and with the null class, and exits at block `guiding_layer`. Feature-space CFG
+`f_g = f_u + w (f_c - f_u)` (fp32, not normalised) is the target; the student's block `guided_layer` goes through
+`AlignmentProjector(D, 2048, D_teacher)` and regresses `f_g` with MSE (mean over tokens and channels per sample,
+then over the batch, restricted to `t_range`).
+
+Early stop (paper §4.1/§4.4, code `--stop-epoch` compared with the global step): from `guide_stop_step` on the method
+is inactive, its teacher is never run again and is released, and the projector is frozen.
+"""
+
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..models.projector import DEFAULT_PROJECTOR_DIM, AlignmentProjector
+from .common import (
+    DEFAULT_T_RANGE,
+    DEFAULT_T_RANGE_MODE,
+    AlignmentMethod,
+    check_layer,
+    check_t_range,
+    default_layers,
+    follow_device,
+    freeze,
+    frozen_forward_context,
+    get_feature,
+    make_projector,
+    module_device_dtype,
+    reduce_over_batch,
+    resolve_sit_config,
+    uses_lightningdit_options,
+)
+
+# Paper §4.1: w = 30 for SiT and w = 10 for LightningDiT backbones (`train_selftrans.sh --cfg_guide=30.0`).
+GUIDANCE_SCALE_SIT = 30.0
+GUIDANCE_SCALE_LIGHTNINGDIT = 10.0
+# Paper §4.3 / Table 5 and `train_selftrans.sh --proj-coeff 0.5`.
+GUIDE_WEIGHT = 0.5
+
+
+class SelfTranscendence(AlignmentMethod):
+    r"""
+    Stage-2 self-guided representation alignment. Term: `"guide"`.
+
+    Args:
+        model_config: the student SiT's config (or the model).
+        teacher (`SiTTransformer2DModel`): the guiding model, loaded by the caller (stage-1 `model` weights). It is
+            put in `eval()`, frozen and optionally cast to `teacher_dtype`. It is NOT a submodule: it stays out of
+            `parameters()`, `state_dict()`, `train()`/`eval()` and DDP, and follows the data's device on first use.
+        guided_layer, guiding_layer (`int`, *optional*): student / teacher blocks; defaults n/2 and 2n/3 of the
+            respective depths (`default_layers`; XL guiding = 19).
+        guidance_scale (`float`, *optional*): w; default 30, or 10 when the student uses any LightningDiT option
+            (`norm_type="rms_norm"`, `mlp_type="swiglu"` or `use_rope=True`).
+        weight (`float`, defaults to 0.5): λ_guide.
+        t_range, t_range_mode: as in `VAEAlignment` (defaults `(0.4, 0.7)`, `"code_compat"`).
+        guide_stop_step (`int`, *optional*): first global step without the guide loss (B: 20 epochs, L/XL: 10).
+        teacher_dtype (`torch.dtype`, *optional*): e.g. `torch.bfloat16`; run under bf16 autocast on CUDA.
+        projector_dim (`int`, defaults to 2048), projector (`AlignmentProjector`, *optional*): as in `VAEAlignment`.
+
+    Per call: `features` with block `guided_layer`, `x_t`, `t`, `class_labels` (the TRUE labels, never the dropped
+    ones), `step` (global step, for the early stop).
+    """
+
+    name = "self_transcendence"
+    trainable_module_names = ("projector",)
+    term = "guide"
+
+    def __init__(
+        self,
+        model_config: Any,
+        teacher: nn.Module,
+        *,
+        guided_layer: Optional[int] = None,
+        guiding_layer: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        weight: float = GUIDE_WEIGHT,
+        t_range: Optional[Sequence[float]] = DEFAULT_T_RANGE,
+        t_range_mode: str = DEFAULT_T_RANGE_MODE,
+        guide_stop_step: Optional[int] = None,
+        teacher_dtype: Optional[torch.dtype] = None,
+        projector_dim: int = DEFAULT_PROJECTOR_DIM,
+        projector: Optional[AlignmentProjector] = None,
+    ):
+        super().__init__()
+        student = resolve_sit_config(model_config)
+        if teacher is None or not hasattr(teacher, "config"):
+            raise ValueError("self_transcendence needs the guiding model (a SiTTransformer2DModel) as `teacher`.")
+        tea = resolve_sit_config(teacher.config)
+
+        # 1. Shapes: the teacher sees the student's x_t, and the projector maps student tokens to teacher tokens.
+        for key in ("in_channels", "sample_size"):
+            if tea[key] != student[key]:
+                raise ValueError(f"The teacher's {key} ({tea[key]}) differs from the student's ({student[key]}); "
+                                 "it must take the student's x_t unchanged.")
+        if tea["num_tokens"] != student["num_tokens"]:
+            raise ValueError(f"Token counts differ: student {student['num_tokens']} vs teacher {tea['num_tokens']} "
+                             f"(patch sizes {student['patch_size']} vs {tea['patch_size']}).")
+        if tea["num_classes"] != student["num_classes"]:
+            raise ValueError(f"num_classes differ: student {student['num_classes']} vs teacher {tea['num_classes']}.")
+        if not tea["class_dropout_prob"] > 0:
+            raise ValueError("The teacher has no null class (class_dropout_prob == 0), so f_u cannot be computed.")
+        defaults_s = default_layers(self.name, student["num_layers"])
+        defaults_t = default_layers(self.name, tea["num_layers"])
+        self.guided_layer = check_layer(
+            defaults_s["guided_layer"] if guided_layer is None else guided_layer, student["num_layers"], "guided_layer"
+        )
+        guiding = defaults_t["guiding_layer"] if guiding_layer is None else guiding_layer
+        self.guiding_layer = check_layer(guiding, tea["num_layers"], "guiding_layer (a teacher block)")
+        if guide_stop_step is not None and guide_stop_step < 0:
+            raise ValueError(f"guide_stop_step must be >= 0 or None, got {guide_stop_step}.")
+
+        # 2. Hyper-parameters.
+        if guidance_scale is None:
+            lightning = uses_lightningdit_options(student)
+            guidance_scale = GUIDANCE_SCALE_LIGHTNINGDIT if lightning else GUIDANCE_SCALE_SIT
+        self.guidance_scale = float(guidance_scale)
+        self.t_range = check_t_range(t_range, t_range_mode)
+        self.t_range_mode = t_range_mode
+        self.guide_stop_step = guide_stop_step
+        self.null_class = tea["num_classes"]
+        self.weights = {self.term: float(weight)}
+
+        # 3. Parts: trainable projector (a submodule), frozen teacher (held outside the module tree).
+        self.projector = make_projector(projector, student["hidden_size"], tea["hidden_size"], projector_dim)
+        self._hold_frozen("teacher", freeze(teacher, teacher_dtype))
+        self.stopped = False
+        self.teacher_forwards = 0
+
+    @property
+    def student_layers(self) -> Tuple[int, ...]:
+        return () if self.stopped else (self.guided_layer,)
+
+    def is_active(self, step: Optional[int] = None) -> bool:
+        """False from `guide_stop_step` on. The first such call also performs the stop (see `stop`)."""
+        if not self.stopped and step is not None and self.guide_stop_step is not None and step >= self.guide_stop_step:
+            self.stop()
+        return not self.stopped
+
+    def stop(self) -> None:
+        """Ends the guide phase for good: releases the teacher and freezes the projector.
+
+        Under DDP the training script keeps the projector (this module) as its own accelerate-prepared module and
+        simply stops calling it once `is_active(step)` is False: a DDP module whose forward is not run in an iteration
+        expects no gradients for it, so neither `find_unused_parameters=True` nor a zero-weighted dummy term is
+        needed (method-notes §6.9). Frozen parameters are also skipped by the optimizer, so later steps leave the
+        projector as it was.
+        """
+        self.stopped = True
+        self.projector.requires_grad_(False)
+        self._hold_frozen("teacher", None)  # drop our reference so its memory can be freed
+
+    @torch.no_grad()
+    def guiding_features(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """f_g = f_u + w (f_c - f_u) in fp32, from ONE teacher pass over [x_t, x_t] with labels [y, null]."""
+        if self.teacher is None:
+            raise RuntimeError("The guide phase has stopped; the teacher was released.")
+        n = x_t.shape[0]
+        follow_device(self.teacher, x_t.device)
+        _, dtype = module_device_dtype(self.teacher)
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+        t = t.expand(n) if t.ndim == 0 else t.reshape(n)
+        labels = torch.cat([class_labels, torch.full_like(class_labels, self.null_class)])
+        with frozen_forward_context(x_t.device, dtype):
+            out = self.teacher(
+                torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), labels, stop_at_layer=self.guiding_layer
+            )
+        self.teacher_forwards += 1
+        f_c, f_u = out.hidden_states[self.guiding_layer].float().chunk(2)
+        return f_u + self.guidance_scale * (f_c - f_u)
+
+    def forward(
+        self,
+        features: Mapping[int, torch.Tensor],
+        *,
+        x_t: Optional[torch.Tensor] = None,
+        t: Optional[torch.Tensor] = None,
+        class_labels: Optional[torch.Tensor] = None,
+        step: Optional[int] = None,
+        **unused,
+    ) -> Dict[str, torch.Tensor]:
+        if not self.is_active(step):
+            return {}
+        if x_t is None or t is None or class_labels is None:
+            raise ValueError("self_transcendence needs x_t, t and class_labels (the true, undropped labels).")
+        if class_labels.numel() and int(class_labels.max()) >= self.null_class:
+            raise ValueError(f"class_labels contain the null class {self.null_class}; pass the true labels (the "
+                             "student's dropout goes through force_drop_ids, the teacher's branch is never dropped).")
+        target = self.guiding_features(x_t, t, class_labels)
+        prediction = self.projector(get_feature(features, self.guided_layer, self.name).float()).float()
+        if prediction.shape != target.shape:
+            raise ValueError(f"Projected student features {tuple(prediction.shape)} vs guiding features "
+                             f"{tuple(target.shape)}.")
+        per_sample = (prediction - target).pow(2).mean(dim=(1, 2))  # mean_flat over tokens and channels
+        return {self.term: reduce_over_batch(per_sample, t, self.t_range, self.t_range_mode)}

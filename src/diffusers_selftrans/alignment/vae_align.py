@@ -1,0 +1,114 @@
+# Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
+"""Self-Transcendence stage 1, "VAE-based alignment" (paper §3.2, Eq. 1; code `loss.py::vae_diffloss`).
+
+A shallow block's tokens go through `AlignmentProjector(D, 2048, D, head_features=p*p*C)` (the MLP plus the
+unconditioned LayerNorm/Linear head of `FinalLayer_2`), are unpatchified to the latent grid exactly as the model's
+own output, and regress a latent-space target with MSE (mean over C, H, W per sample, then over the batch).
+
+Target: the released code regresses the velocity `eps - x0` (`align_target="velocity"`, default, parity); paper Eq. 1
+says the clean VAE latent z (`align_target="x0"`). method-notes §3.1.
+"""
+
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ..models.projector import DEFAULT_PROJECTOR_DIM, AlignmentProjector
+from ..models.transformer_sit import unpatchify
+from .common import (
+    DEFAULT_T_RANGE,
+    DEFAULT_T_RANGE_MODE,
+    AlignmentMethod,
+    check_layer,
+    check_t_range,
+    default_layers,
+    get_feature,
+    make_projector,
+    reduce_over_batch,
+    resolve_sit_config,
+)
+
+ALIGN_TARGETS = ("velocity", "x0")
+# `train_vaeloss.sh --proj-coeff=0.5`.
+VAE_ALIGN_WEIGHT = 0.5
+
+
+class VAEAlignment(AlignmentMethod):
+    r"""
+    Stage-1 alignment of block `layer` to the latent target. Term: `"vae_align"`.
+
+    Args:
+        model_config: the student SiT's config (or the model).
+        layer (`int`, *optional*): 1-based block; default `default_layers("vae_align", num_layers)` (B: 2).
+        align_target (`str`, defaults to `"velocity"`): `"velocity"` (released code) or `"x0"` (paper Eq. 1).
+        weight (`float`, defaults to 0.5): λ (`--proj-coeff`).
+        t_range (`(float, float)` or `None`, defaults to `(0.4, 0.7)`): only samples with t in range count.
+        t_range_mode (`str`, defaults to `"code_compat"`): see `reduce_over_batch`; `code_compat` reproduces the paper.
+        projector_dim (`int`, defaults to 2048): MLP width.
+        projector (`AlignmentProjector`, *optional*): a projector to reuse (e.g. reloaded); its widths are checked.
+
+    Per call: `features` with block `layer`, `t`, and `target` (velocity) or `x0`.
+    """
+
+    name = "vae_align"
+    trainable_module_names = ("projector",)
+
+    def __init__(
+        self,
+        model_config: Any,
+        *,
+        layer: Optional[int] = None,
+        align_target: str = "velocity",
+        weight: float = VAE_ALIGN_WEIGHT,
+        t_range: Optional[Sequence[float]] = DEFAULT_T_RANGE,
+        t_range_mode: str = DEFAULT_T_RANGE_MODE,
+        projector_dim: int = DEFAULT_PROJECTOR_DIM,
+        projector: Optional[AlignmentProjector] = None,
+    ):
+        super().__init__()
+        cfg = resolve_sit_config(model_config)
+        if align_target not in ALIGN_TARGETS:
+            raise ValueError(f"Unknown align_target {align_target!r}; expected one of {ALIGN_TARGETS}.")
+        self.layer = check_layer(
+            default_layers("vae_align", cfg["num_layers"])["layer"] if layer is None else layer,
+            cfg["num_layers"], "layer",
+        )
+        self.align_target = align_target
+        self.t_range = check_t_range(t_range, t_range_mode)
+        self.t_range_mode = t_range_mode
+        self.patch_size = cfg["patch_size"]
+        self.latent_channels = cfg["in_channels"]
+        hidden = cfg["hidden_size"]
+        # ST `build_mlp(D, 2048, D)` + `FinalLayer_2(D, p, C)`: the head emits p*p*C values per token.
+        self.projector = make_projector(
+            projector, hidden, hidden, projector_dim, head_features=self.patch_size**2 * self.latent_channels
+        )
+        self.weights = {self.name: float(weight)}
+
+    @property
+    def student_layers(self) -> Tuple[int, ...]:
+        return (self.layer,)
+
+    def predict(self, features: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """Block `layer` tokens -> the head's latent-grid prediction (N, C, H, W)."""
+        tokens = get_feature(features, self.layer, self.name)
+        return unpatchify(self.projector(tokens.float()), self.patch_size, self.latent_channels)
+
+    def forward(
+        self,
+        features: Mapping[int, torch.Tensor],
+        *,
+        t: Optional[torch.Tensor] = None,
+        target: Optional[torch.Tensor] = None,
+        x0: Optional[torch.Tensor] = None,
+        **unused,
+    ) -> Dict[str, torch.Tensor]:
+        goal = target if self.align_target == "velocity" else x0
+        if goal is None:
+            which = "target` (the velocity eps - x0)" if self.align_target == "velocity" else "x0` (the clean latents)"
+            raise ValueError(f"vae_align with align_target={self.align_target!r} needs `{which}.")
+        prediction = self.predict(features).float()
+        if prediction.shape != goal.shape:
+            raise ValueError(f"The head predicts {tuple(prediction.shape)} but the target is {tuple(goal.shape)}.")
+        per_sample = (prediction - goal.float()).pow(2).mean(dim=(1, 2, 3))  # mean_flat over C, H, W
+        return {self.name: reduce_over_batch(per_sample, t, self.t_range, self.t_range_mode)}

@@ -1,0 +1,3 @@
+"""Inference pipelines."""
+
+from .pipeline_sit import SiTPipeline, set_repa_timesteps

@@ -1,0 +1,594 @@
+# Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
+"""`SiTPipeline`: class-conditional sampling from a SiT with REPA's samplers (inference only).
+
+Samplers (pick with the `scheduler` component):
+- `FlowMatchEulerDiscreteScheduler` (shift 1): REPA `euler_sampler(heun=False)`, N model evaluations;
+- `FlowMatchHeunDiscreteScheduler` (shift 1): REPA `euler_sampler(heun=True)`, Heun on every step but the last, 2N - 1;
+- `SiTEulerMaruyamaScheduler`: REPA `euler_maruyama_sampler`, the SDE behind the published FIDs, N.
+Both ODE schedulers run on REPA's grid `t = linspace(1, 0, N + 1)` (`set_repa_timesteps`), not diffusers' default
+`linspace(1, 1/1000, N)`. The network sees raw t = timesteps / num_train_timesteps (data at t=0).
+
+Classifier-free guidance follows REPA: one batched pass with labels `[y, null]` (null = `num_classes`), all latent
+channels guided, and only while `guidance_interval[0] <= t <= guidance_interval[1]`; outside the interval a single
+conditional pass is made. `legacy_cfg_channels=3` restores DiT/SiT's first-3-channels guidance for old FIDs.
+
+The module imports only torch, numpy, diffusers and huggingface_hub from outside this package (its one package-relative
+import is inlined by `save_remote_code`), so `save_pretrained(..., save_remote_code=True)` can ship it as Hub remote code.
+"""
+
+import ast
+import difflib
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    ImagePipelineOutput,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import create_repo, snapshot_download
+
+from ..transport import scheduler_to_model_time
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# A grid time equal to an end of `guidance_interval` counts as inside (REPA's `guidance_low <= t <= guidance_high` on a
+# float64 grid); our float32 timesteps can miss such an end by ~1e-7, so compare with this slack.
+GUIDANCE_INTERVAL_ATOL = 1e-6
+# Libraries diffusers can load components from without remote code (diffusers `LOADABLE_CLASSES`).
+_BUILTIN_LIBRARIES = ("diffusers", "transformers", "onnxruntime.training")
+
+
+def set_repa_timesteps(
+    scheduler: SchedulerMixin, num_inference_steps: int, device: Union[str, torch.device, None] = None
+) -> torch.Tensor:
+    """Put `scheduler` on REPA's grid for `num_inference_steps` steps and return its `timesteps`.
+
+    - `FlowMatchEulerDiscreteScheduler`: `sigmas = linspace(1, 0, N + 1)[:-1]` through its own `set_timesteps(sigmas=)`.
+    - `FlowMatchHeunDiscreteScheduler` has no `sigmas` argument; its `set_timesteps(N)` spaces N sigmas over
+      [1, 1/1000]. We call it (to reset its solver state), then lay the same uniform grid out exactly as its
+      `set_timesteps` does (first timestep once, every later one twice, a trailing 0 sigma), so its stock `step` runs
+      Heun on every interval but the last, which is Euler into t=0: REPA's `euler_sampler(heun=True)`.
+    - Any other scheduler (e.g. `SiTEulerMaruyamaScheduler`, whose own grid is REPA's SDE grid) uses `set_timesteps(N)`.
+    The scheduler's `shift` config is applied to the uniform grid as its own `set_timesteps` would (1 = REPA).
+    """
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        if scheduler.config.use_dynamic_shifting:
+            raise ValueError("SiTPipeline needs `use_dynamic_shifting=False` on FlowMatchEulerDiscreteScheduler.")
+        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
+    elif isinstance(scheduler, FlowMatchHeunDiscreteScheduler):
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        sigmas = torch.from_numpy(np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].astype(np.float32))
+        shift = scheduler.config.shift
+        sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).to(device)
+        timesteps = sigmas * scheduler.config.num_train_timesteps
+        scheduler.timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        scheduler.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    return scheduler.timesteps
+
+
+class SiTPipeline(DiffusionPipeline):
+    r"""
+    Class-conditional image generation with a SiT (REPA / Self-Transcendence) and an `AutoencoderKL`.
+
+    Args:
+        transformer (`SiTTransformer2DModel`): predicts the velocity eps - x0 from (x_t, raw t, class label).
+        vae (`AutoencoderKL`): decodes latents; `scaling_factor` and `shift_factor` are read from its config.
+        scheduler (`SchedulerMixin`): `FlowMatchEulerDiscreteScheduler`, `FlowMatchHeunDiscreteScheduler` or
+            `SiTEulerMaruyamaScheduler`.
+        id2label (`Dict[int, str]`, *optional*): class names (ImageNet style, comma-separated synonyms); saved in
+            `model_index.json` so `from_pretrained` restores it.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer: ModelMixin,
+        vae: AutoencoderKL,
+        scheduler: SchedulerMixin,
+        id2label: Optional[Dict[Union[int, str], str]] = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        id2label = _normalise_id2label(id2label)
+        self.register_to_config(id2label=id2label)
+        self._name_to_ids = _build_label_index(id2label or {})
+        vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
+        self._interrupt = False
+
+    # ------------------------------------------------------------------ labels
+
+    @property
+    def id2label(self) -> Optional[Dict[int, str]]:
+        return self.config.id2label
+
+    @property
+    def labels(self) -> Dict[str, int]:
+        """Every unambiguous lower-cased name and synonym -> class id."""
+        return {name: ids[0] for name, ids in self._name_to_ids.items() if len(ids) == 1}
+
+    def get_label_ids(self, label: Union[int, str, Sequence[Union[int, str]], torch.Tensor]) -> List[int]:
+        """Resolve class ids and names to ids.
+
+        A name matches the full `id2label` entry or any of its comma-separated synonyms, case-insensitively and with
+        surrounding spaces ignored; a bare string is one label. Raises `ValueError` for unknown names (with close
+        matches), ambiguous synonyms and ids outside [0, num_classes).
+        """
+        if isinstance(label, (torch.Tensor, np.ndarray)):
+            if label.ndim > 1:
+                raise ValueError(f"class_labels must be 0-D or 1-D, got shape {tuple(label.shape)}.")
+            label = label.tolist()
+        if isinstance(label, (str, int, np.integer)):
+            label = [label]
+        if not isinstance(label, (list, tuple)) or len(label) == 0:
+            raise ValueError(f"class_labels must be an int, a str or a non-empty list of them, got {label!r}.")
+        num_classes = self.transformer.config.num_classes
+        ids = []
+        for item in label:
+            if isinstance(item, (bool, np.bool_)):
+                raise ValueError(f"Class labels must be ints or names, got {item!r}.")
+            if isinstance(item, (int, np.integer)):
+                if not 0 <= int(item) < num_classes:
+                    raise ValueError(f"Class id {int(item)} is outside [0, {num_classes}) for this transformer.")
+                ids.append(int(item))
+            elif isinstance(item, str):
+                ids.append(self._label_id(item))
+            else:
+                raise ValueError(f"Class labels must be ints or names, got {type(item).__name__} {item!r}.")
+        return ids
+
+    def _label_id(self, name: str) -> int:
+        if not self.id2label:
+            raise ValueError(f"Got the class name {name!r} but this pipeline has no `id2label`; pass integer ids.")
+        key = name.strip().lower()
+        ids = self._name_to_ids.get(key)
+        if ids is None:
+            close = difflib.get_close_matches(key, list(self._name_to_ids), n=5)
+            hint = f" Close matches: {close}." if close else ""
+            raise ValueError(f"Unknown class name {name!r}.{hint}")
+        if len(ids) > 1:
+            options = ", ".join(f"{i} ({self.id2label[i]!r})" for i in ids)
+            raise ValueError(f"Class name {name!r} is ambiguous: it names {options}. Pass the id instead.")
+        return ids[0]
+
+    # ------------------------------------------------------------------ sampling
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def check_inputs(
+        self,
+        guidance_scale,
+        guidance_interval,
+        num_inference_steps,
+        output_type,
+        legacy_cfg_channels,
+        callback_on_step_end_tensor_inputs,
+    ):
+        if (
+            not isinstance(guidance_interval, (tuple, list))
+            or len(guidance_interval) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in guidance_interval)
+            or not 0.0 <= guidance_interval[0] <= guidance_interval[1] <= 1.0
+        ):
+            raise ValueError(
+                f"guidance_interval must be (low, high) with 0 <= low <= high <= 1 (t units, data at t=0), "
+                f"got {guidance_interval!r}."
+            )
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        channels = self.transformer.config.in_channels
+        if legacy_cfg_channels is not None and not (
+            isinstance(legacy_cfg_channels, int) and 1 <= legacy_cfg_channels <= channels
+        ):
+            raise ValueError(f"legacy_cfg_channels must be None or an int in [1, {channels}], got {legacy_cfg_channels!r}.")
+        if guidance_scale > 1.0 and getattr(self.transformer.config, "class_dropout_prob", 1.0) <= 0:
+            raise ValueError(
+                "guidance_scale > 1 needs the null class, but this transformer was built with class_dropout_prob=0 "
+                "and has no null-class embedding."
+            )
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
+
+    def _class_ids(self, class_labels, generator, latents) -> List[int]:
+        if class_labels is not None:
+            return self.get_label_ids(class_labels)
+        if self.transformer.config.num_classes != 1:
+            raise ValueError(
+                "class_labels is required (ids or names); unconditional sampling is only implicit for a "
+                "transformer with num_classes=1."
+            )
+        batch_size = latents.shape[0] if latents is not None else len(generator) if isinstance(generator, list) else 1
+        return [0] * batch_size
+
+    def _guide(self, velocity: torch.Tensor, guidance_scale: float, legacy_cfg_channels: Optional[int]) -> torch.Tensor:
+        cond, uncond = velocity.chunk(2)
+        guided = uncond + guidance_scale * (cond - uncond)
+        if legacy_cfg_channels is None:
+            return guided
+        # DiT/SiT `forward_with_cfg`: only the first channels are guided, the rest follow the conditional branch.
+        return torch.cat([guided[:, :legacy_cfg_channels], cond[:, legacy_cfg_channels:]], dim=1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Optional[Union[int, str, List[Union[int, str]], torch.Tensor]] = None,
+        guidance_scale: float = 1.0,
+        guidance_interval: Tuple[float, float] = (0.0, 1.0),
+        num_inference_steps: int = 50,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        legacy_cfg_channels: Optional[int] = None,
+    ) -> Union[ImagePipelineOutput, Tuple]:
+        r"""
+        Args:
+            class_labels (`int`, `str`, list of them, or a 1-D integer tensor): classes to draw, one image each; names
+                are resolved through `id2label` (see `get_label_ids`). Required unless `num_classes == 1`.
+            guidance_scale (`float`, defaults to 1.0): classifier-free guidance scale; > 1 enables guidance.
+            guidance_interval (`Tuple[float, float]`, defaults to `(0.0, 1.0)`): guide only while low <= t <= high
+                (t units, data at 0, noise at 1); REPA's `guidance_low`/`guidance_high`, e.g. `(0.0, 0.7)`.
+            num_inference_steps (`int`, defaults to 50): N. Model evaluations: N (Euler, SDE) or 2N - 1 (Heun),
+                doubled in batch size inside the guidance interval.
+            generator (`torch.Generator` or a list of one per image, *optional*): source of the initial noise and of
+                the SDE noise. A list makes every image independent of the batch it is drawn in.
+            latents (`torch.Tensor` of shape `(N, C, H, W)`, *optional*): initial noise at t = 1.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"` (the sampled latents,
+                in the transformer's scaled latent space).
+            return_dict (`bool`, defaults to True): return an `ImagePipelineOutput` instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*): `callback(pipe, i, t, callback_kwargs) -> dict` called
+                after every scheduler step; it may replace the tensors named in `callback_on_step_end_tensor_inputs`.
+            legacy_cfg_channels (`int`, *optional*): guide only the first k channels (DiT/SiT used 3); the others
+                take the conditional prediction. `None` guides all channels (REPA / Self-Transcendence).
+
+        Returns:
+            `ImagePipelineOutput` (or `(images,)`).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check inputs
+        self.check_inputs(
+            guidance_scale, guidance_interval, num_inference_steps, output_type, legacy_cfg_channels,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        labels = self._class_ids(class_labels, generator, latents)
+        batch_size = len(labels)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for {batch_size} class labels.")
+        device = self._execution_device
+        cfg = self.transformer.config
+        do_cfg = guidance_scale > 1.0
+        class_ids = torch.tensor(labels, device=device, dtype=torch.long)
+        null_ids = torch.full_like(class_ids, cfg.num_classes)  # the null class row of the label table
+
+        # 2. Initial noise (the sampler state stays float32 whatever the transformer dtype)
+        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+        latents = latents.to(device=device, dtype=torch.float32)
+
+        # 3. Timesteps
+        timesteps = set_repa_timesteps(self.scheduler, num_inference_steps, device)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        self._num_timesteps = len(timesteps)
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+        num_train = self.scheduler.config.num_train_timesteps
+        low, high = guidance_interval
+
+        # 4. Denoising loop
+        interval_t = None
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                t_model = scheduler_to_model_time(t, num_train)
+                # REPA tests the guidance interval at the start of the interval, also for Heun's corrector
+                # evaluation (made at the interval's end): a second-order scheduler in its second stage reuses it.
+                if getattr(self.scheduler, "state_in_first_order", True) or interval_t is None:
+                    interval_t = float(t_model)
+                guided = do_cfg and low - GUIDANCE_INTERVAL_ATOL <= interval_t <= high + GUIDANCE_INTERVAL_ATOL
+                model_input = torch.cat([latents, latents]) if guided else latents
+                model_labels = torch.cat([class_ids, null_ids]) if guided else class_ids
+                velocity = self.transformer(
+                    hidden_states=model_input.to(self.transformer.dtype),
+                    timestep=t_model.to(device=device, dtype=torch.float32).expand(model_input.shape[0]),
+                    class_labels=model_labels,
+                    return_dict=False,
+                )[0].float()
+                if guided:
+                    velocity = self._guide(velocity, guidance_scale, legacy_cfg_channels)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False, **step_kwargs)[0]
+                latents = latents.float()
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        # 5. Decode
+        if output_type == "latent":
+            image = latents
+        else:
+            shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
+            z = latents / self.vae.config.scaling_factor + shift_factor
+            image = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "SiTPipeline":
+        """Load from a local folder or a Hub repo id.
+
+        A Hub id is first fetched whole with `huggingface_hub.snapshot_download` (`revision`, `token`, `cache_dir`,
+        `force_download`, `local_files_only` go there), because diffusers' own download step rejects components whose
+        library is neither diffusers nor transformers. The local folder is then loaded with diffusers' loader; a
+        folder written with `save_remote_code` is loaded with the installed classes instead of its `.py` copies
+        (components only: `torch_dtype` is honoured, device maps and variants are not).
+        """
+        path = str(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            download_kwargs = {
+                k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "force_download", "local_files_only")
+                if k in kwargs
+            }
+            path = snapshot_download(path, **download_kwargs)
+        config = cls.load_config(path)
+        if isinstance(config.get("_class_name"), (list, tuple)):
+            pipeline = cls._from_remote_code_folder(path, config, kwargs)
+            if pipeline is not None:
+                return pipeline
+        return super().from_pretrained(path, **kwargs)
+
+    @classmethod
+    def _from_remote_code_folder(cls, path: str, config: dict, kwargs: dict) -> Optional["SiTPipeline"]:
+        """Build from a remote-code folder with the installed classes; `None` if they are not importable here."""
+        components = {}
+        for name, entry in config.items():
+            if name.startswith("_") or not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[0] is None:
+                continue
+            if name in kwargs:
+                components[name] = kwargs.pop(name)
+                continue
+            library, class_name = entry
+            klass = _installed_class(library, class_name)
+            if klass is None:
+                return None
+            load_kwargs = {"subfolder": name}
+            if issubclass(klass, ModelMixin) and kwargs.get("torch_dtype") is not None:
+                load_kwargs["torch_dtype"] = kwargs["torch_dtype"]
+            components[name] = klass.from_pretrained(path, **load_kwargs)
+        id2label = kwargs.pop("id2label", config.get("id2label"))
+        return cls(**components, id2label=id2label)
+
+    def save_pretrained(
+        self,
+        save_directory: Union[str, os.PathLike],
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        max_shard_size: Optional[Union[int, str]] = None,
+        push_to_hub: bool = False,
+        save_remote_code: bool = False,
+        **kwargs,
+    ):
+        """`DiffusionPipeline.save_pretrained`, plus `save_remote_code=True` to also write the remote-code files
+        (see `save_remote_code`) before any `push_to_hub` upload."""
+        if not save_remote_code:
+            return super().save_pretrained(
+                save_directory, safe_serialization=safe_serialization, variant=variant,
+                max_shard_size=max_shard_size, push_to_hub=push_to_hub, **kwargs,
+            )
+        hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "create_pr", "token", "repo_id") if k in kwargs}
+        super().save_pretrained(
+            save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size,
+            push_to_hub=False, **kwargs,
+        )
+        self.save_remote_code(save_directory)
+        if push_to_hub:
+            token = hub_kwargs.get("token")
+            repo_id = hub_kwargs.get("repo_id", str(save_directory).rstrip(os.sep).split(os.sep)[-1])
+            repo_id = create_repo(repo_id, exist_ok=True, private=hub_kwargs.get("private"), token=token).repo_id
+            self._upload_folder(
+                save_directory, repo_id, token=token, commit_message=hub_kwargs.get("commit_message"),
+                create_pr=hub_kwargs.get("create_pr", False),
+            )
+
+    def save_remote_code(self, save_directory: Union[str, os.PathLike]):
+        """Make a saved pipeline folder loadable with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`
+        where `diffusers_selftrans` is not installed.
+
+        Writes standalone copies (package-relative imports inlined) of the pipeline module as `<stem>.py` and of every
+        component module outside diffusers as `<component>/<stem>.py`, and points `model_index.json` at them:
+        `"_class_name": ["pipeline_sit", "SiTPipeline"]`, `"transformer": ["transformer_sit", "SiTTransformer2DModel"]`,
+        a custom scheduler likewise; diffusers components (the VAE, FlowMatch schedulers) are left as they are.
+        Call it on a folder written by `save_pretrained` (or use `save_pretrained(..., save_remote_code=True)`).
+        """
+        index_path = os.path.join(save_directory, "model_index.json")
+        if not os.path.isfile(index_path):
+            raise ValueError(f"{index_path} not found; call `save_pretrained` on this folder first.")
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+
+        pipeline_module = sys.modules[type(self).__module__]
+        stem = pipeline_module.__name__.rsplit(".", 1)[-1]
+        _write_text(os.path.join(save_directory, f"{stem}.py"), standalone_module_source(pipeline_module))
+        index["_class_name"] = [stem, type(self).__name__]
+        for name, entry in index.items():
+            if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+                continue
+            if entry[0] in _BUILTIN_LIBRARIES:
+                continue
+            component = getattr(self, name)
+            module = sys.modules[type(component).__module__]
+            stem = module.__name__.rsplit(".", 1)[-1]
+            _write_text(os.path.join(save_directory, name, f"{stem}.py"), standalone_module_source(module))
+            index[name] = [stem, type(component).__name__]
+        _write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _normalise_id2label(id2label) -> Optional[Dict[int, str]]:
+    """JSON turns int keys into strings: accept both, store ints."""
+    if id2label is None:
+        return None
+    if not isinstance(id2label, dict):
+        raise ValueError(f"id2label must be a dict {{class id: name}}, got {type(id2label).__name__}.")
+    try:
+        return {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"id2label keys must be class ids (ints or digit strings): {err}") from err
+
+
+def _build_label_index(id2label: Dict[int, str]) -> Dict[str, List[int]]:
+    """Lower-cased full names and comma-separated synonyms -> the ids they name (more than one if ambiguous)."""
+    index: Dict[str, List[int]] = {}
+    for class_id in sorted(id2label):
+        full = id2label[class_id].strip().lower()
+        names = {full} | {s.strip().lower() for s in full.split(",")}
+        for name in names - {""}:
+            index.setdefault(name, []).append(class_id)
+    return index
+
+
+def _installed_class(library: str, class_name: str):
+    """The installed class behind a model_index entry, or `None`: diffusers classes, or ours when this module is the
+    installed package (a remote-code copy of this module is not, and then loads through diffusers' remote code)."""
+    if library in _BUILTIN_LIBRARIES:
+        return getattr(importlib.import_module(library), class_name, None)
+    try:
+        package = importlib.import_module(__name__.split(".")[0])
+    except ImportError:
+        return None
+    return getattr(package, class_name, None)
+
+
+def _write_text(path: str, text: str):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def standalone_module_source(module) -> str:
+    """Source of `module` with every top-level package-relative import replaced by the definitions it brings in.
+
+    For `from ..transport import score_from_velocity` the function is copied in, with the top-level functions,
+    classes and constants of `transport` it uses, and the absolute imports they need. A module without relative
+    imports (e.g. `transformer_sit.py`) comes back verbatim.
+    """
+    source = inspect.getsource(module)
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    edits = []
+    for node in tree.body:
+        if not (isinstance(node, ast.ImportFrom) and node.level > 0):
+            continue
+        target = importlib.import_module(
+            importlib.util.resolve_name("." * node.level + (node.module or ""), module.__package__)
+        )
+        blocks, aliases = [], []
+        for alias in node.names:
+            obj = getattr(target, alias.name)
+            home = sys.modules.get(getattr(obj, "__module__", None) or "", target)
+            if inspect.ismodule(obj):
+                raise ValueError(f"Cannot inline the module import {alias.name!r} in {module.__name__}.")
+            blocks.append(_extract_definitions(standalone_module_source(home), [alias.name], home.__name__))
+            if alias.asname and alias.asname != alias.name:
+                aliases.append(f"{alias.asname} = {alias.name}\n")
+        edits.append((node.lineno, node.end_lineno, "".join(blocks + aliases)))
+    if not edits:
+        return source
+    for start, end, text in reversed(edits):
+        lines[start - 1 : end] = [text]
+    header = f"# Standalone copy of `{module.__name__}`: package-relative imports inlined by `save_remote_code`.\n"
+    return header + "".join(lines)
+
+
+def _extract_definitions(source: str, names: List[str], origin: str) -> str:
+    """The top-level definitions `names` of `source`, everything top-level they use, and the imports those need."""
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    defs, imports = {}, {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defs[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for name_node in ast.walk(target):
+                    if isinstance(name_node, ast.Name):
+                        defs[name_node.id] = node
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                imports[(alias.asname or alias.name).split(".")[0]] = node
+    needed_defs, needed_imports, todo = set(), set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in imports:
+            needed_imports.add(imports[name])
+        if name not in defs or defs[name] in needed_defs:
+            if name not in defs and name not in imports and name in names:
+                raise ValueError(f"{name!r} is not a top-level definition of {origin}.")
+            continue
+        needed_defs.add(defs[name])
+        todo.extend(n.id for n in ast.walk(defs[name]) if isinstance(n, ast.Name))
+
+    def segment(node) -> str:
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        return "".join(lines[start - 1 : node.end_lineno])
+
+    kept = [n for n in tree.body if n in needed_imports or n in needed_defs]  # in source order
+    out = [f"# --- inlined from `{origin}` ---\n"]
+    out += [segment(n) for n in kept if n in needed_imports] + ["\n\n"]
+    out += [segment(n) + "\n\n" for n in kept if n in needed_defs]
+    return "".join(out) + "# --- end of inlined code ---\n"

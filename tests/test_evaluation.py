@@ -1,0 +1,285 @@
+"""Evaluation: balanced seeded plans, rank partitions, resumable PNG sampling, ADM npz, FID, classifier metrics."""
+
+import json
+import os
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from PIL import Image
+
+from diffusers_selftrans import evaluation
+from diffusers_selftrans.evaluation import (
+    class_accuracy,
+    class_balanced_plan,
+    compute_fid,
+    create_npz_from_sample_folder,
+    evaluate_samples,
+    frechet_distance,
+    generate_samples,
+    load_images,
+    partition_plan,
+    precision_recall,
+    sampling_info,
+    to_uint8_nchw,
+    to_uint8_nhwc,
+    train_feature_classifier,
+    write_sampling_info,
+)
+
+
+class FakePipeline:
+    """Duck-typed SiTPipeline: each image depends only on its own generator and class label."""
+
+    def __init__(self, size=8, channels=3):
+        self.size, self.channels = size, channels
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+        self.calls = []
+
+    def __call__(self, class_labels, guidance_scale=1.0, guidance_interval=(0.0, 1.0), num_inference_steps=50,
+                 generator=None, latents=None, output_type="pil", return_dict=True):
+        assert isinstance(generator, list) and len(generator) == len(class_labels)
+        self.calls.append(dict(labels=list(class_labels), guidance_scale=guidance_scale,
+                               guidance_interval=guidance_interval, steps=num_inference_steps, output_type=output_type))
+        images = [torch.rand(self.size, self.size, self.channels, generator=g) * 0.5 + label / 20.0
+                  for label, g in zip(class_labels, generator)]
+        return SimpleNamespace(images=torch.stack(images).clamp(0, 1).numpy())
+
+
+class FlattenFeatures(torch.nn.Module):
+    """A fixed random projection of the pixels: a feature extractor that needs no download."""
+
+    def __init__(self, in_features, num_features=16):
+        super().__init__()
+        self.num_features = num_features
+        self.proj = torch.nn.Linear(in_features, num_features)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, images):
+        return self.proj(images.float().flatten(1) / 255)
+
+
+def read_folder(folder):
+    return {name: np.asarray(Image.open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# plans
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_class_balanced_plan_is_exact_and_seeded():
+    plan = class_balanced_plan(103, 10, seed=3)
+    assert [e.index for e in plan] == list(range(103))
+    counts = Counter(e.class_label for e in plan)
+    assert sorted(counts) == list(range(10)) and sorted(counts.values()) == [10] * 7 + [11] * 3
+    assert len({e.seed for e in plan}) == 103 and all(0 <= e.seed < 2**63 for e in plan)
+    assert plan == class_balanced_plan(103, 10, seed=3)
+    other = class_balanced_plan(103, 10, seed=4)
+    assert [e.class_label for e in other] != [e.class_label for e in plan]
+    assert {e.seed for e in other}.isdisjoint({e.seed for e in plan})
+    # labels are shuffled, not sorted blocks
+    assert [e.class_label for e in plan] != sorted(e.class_label for e in plan)
+    # seeds depend on (seed, index) only: a longer plan with the same seed keeps them
+    longer = class_balanced_plan(500, 10, seed=3)
+    assert [e.seed for e in longer[:103]] == [e.seed for e in plan]
+    with pytest.raises(ValueError, match="num_classes"):
+        class_balanced_plan(10, 0, seed=0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7, 40])
+def test_partition_covers_every_index_once(world_size):
+    plan = class_balanced_plan(37, 5, seed=0)
+    parts = [partition_plan(plan, rank, world_size) for rank in range(world_size)]
+    drawn = [e for part in parts for e in part]
+    assert sorted(e.index for e in drawn) == list(range(37))
+    assert {e.index: e for e in drawn} == {e.index: e for e in plan}  # same labels and seeds whatever the split
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError, match="rank"):
+        partition_plan(plan, world_size, world_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sampling, PNGs, npz, JSON
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_generate_samples_deterministic_across_batch_and_world_size_and_resumes(tmp_path):
+    plan = class_balanced_plan(10, 4, seed=1)
+    pipe = FakePipeline()
+    written = generate_samples(pipe, plan, str(tmp_path / "a"), batch_size=4, guidance_scale=1.5,
+                               guidance_interval=(0.1, 0.7), num_inference_steps=12, progress=False)
+    assert sorted(written) == list(range(10))
+    reference = read_folder(tmp_path / "a")
+    assert sorted(reference) == [f"{i:06d}.png" for i in range(10)]
+    assert all(img.shape == (8, 8, 3) and img.dtype == np.uint8 for img in reference.values())
+    assert [len(c["labels"]) for c in pipe.calls] == [4, 4, 2]
+    assert pipe.calls[0]["guidance_scale"] == 1.5 and tuple(pipe.calls[0]["guidance_interval"]) == (0.1, 0.7)
+    assert pipe.calls[0]["steps"] == 12 and pipe.calls[0]["output_type"] == "np"
+    assert [lab for c in pipe.calls for lab in c["labels"]] == [e.class_label for e in plan]
+
+    # three ranks, batch 3, same images
+    for rank in range(3):
+        generate_samples(FakePipeline(), plan, str(tmp_path / "b"), batch_size=3, rank=rank, world_size=3,
+                         guidance_scale=1.5, guidance_interval=(0.1, 0.7), num_inference_steps=12, progress=False)
+    other = read_folder(tmp_path / "b")
+    assert sorted(other) == sorted(reference)
+    assert all(np.array_equal(other[name], reference[name]) for name in reference)
+
+    # resume: only the missing files are drawn again, identical to before
+    os.remove(tmp_path / "a" / "000003.png")
+    os.remove(tmp_path / "a" / "000007.png")
+    pipe = FakePipeline()
+    written = generate_samples(pipe, plan, str(tmp_path / "a"), batch_size=4, guidance_scale=1.5,
+                               guidance_interval=(0.1, 0.7), num_inference_steps=12, progress=False)
+    assert written == [3, 7] and sum(len(c["labels"]) for c in pipe.calls) == 2
+    resumed = read_folder(tmp_path / "a")
+    assert all(np.array_equal(resumed[name], reference[name]) for name in reference)
+    assert not [n for n in os.listdir(tmp_path / "a") if not n.endswith(".png") or len(n) != 10]  # no temp files left
+
+
+def test_npz_and_sampling_info(tmp_path):
+    plan = class_balanced_plan(6, 3, seed=0)
+    folder = str(tmp_path / "samples")
+    generate_samples(FakePipeline(size=4), plan, folder, batch_size=6, progress=False)
+    labels = [e.class_label for e in plan]
+    npz_path = create_npz_from_sample_folder(folder, 6, labels=labels)
+    assert npz_path == str(tmp_path / "samples.npz")
+    with np.load(npz_path) as data:
+        assert data["arr_0"].shape == (6, 4, 4, 3) and data["arr_0"].dtype == np.uint8
+        assert data["arr_1"].tolist() == labels
+        assert np.array_equal(data["arr_0"][2], np.asarray(Image.open(os.path.join(folder, "000002.png"))))
+    assert np.array_equal(load_images(npz_path), load_images(folder))
+    with pytest.raises(FileNotFoundError, match="1 of 7 samples are missing"):
+        create_npz_from_sample_folder(folder, 7)
+
+    for scheduler, nfe in ((FlowMatchEulerDiscreteScheduler(shift=1.0), 12), (FlowMatchHeunDiscreteScheduler(), 23)):
+        info = sampling_info(SimpleNamespace(scheduler=scheduler), num_samples=6, num_classes=3, seed=0,
+                             num_inference_steps=12, guidance_scale=1.8, guidance_interval=(0.0, 0.7))
+        assert info["sampler"] == type(scheduler).__name__ and info["nfe"] == nfe
+    path = write_sampling_info(npz_path, info, {"fid": 1.5})
+    record = json.loads(open(path).read())
+    assert path == str(tmp_path / "sampling_info.json") and record["npz"] == "samples.npz"
+    assert record["metrics"] == {"fid": 1.5}
+    assert record["sampling"]["guidance_interval"] == [0.0, 0.7] and record["sampling"]["guidance_scale"] == 1.8
+    assert record["sampling"]["num_samples"] == 6 and record["sampling"]["seed"] == 0
+
+
+def test_image_conversion():
+    x = np.array([0.0, 0.5, 0.999, 1.0, 1.2, -0.1], dtype=np.float32).reshape(1, 1, 6, 1).repeat(3, -1)
+    out = to_uint8_nhwc(x)
+    assert out.dtype == np.uint8 and out[0, 0, :, 0].tolist() == [0, 127, 254, 255, 255, 0]  # truncation, clamped
+    nchw = torch.from_numpy(x).permute(0, 3, 1, 2)
+    assert torch.equal(to_uint8_nchw(nchw), to_uint8_nchw(x)) and to_uint8_nchw(nchw).shape == (1, 3, 1, 6)
+    pil = [Image.fromarray(out[0])]
+    assert np.array_equal(to_uint8_nhwc(pil), out)
+    assert to_uint8_nchw(np.zeros((2, 5, 5), np.uint8)).shape == (2, 1, 5, 5)
+    with pytest.raises(ValueError, match="channel-last"):
+        to_uint8_nchw(np.zeros((2, 3, 5, 5), np.uint8))
+    with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
+        to_uint8_nchw(-torch.ones(1, 3, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_fid_with_feature_module():
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 200, size=(120, 6, 6, 3), dtype=np.uint8)
+    shifted = (real.astype(np.int64) + 40).clip(0, 255).astype(np.uint8)
+    extractor = FlattenFeatures(6 * 6 * 3)
+    assert abs(compute_fid(real, real, feature_extractor=extractor, batch_size=50)) < 1e-6
+    fid = compute_fid(real, shifted, feature_extractor=extractor, batch_size=50)
+
+    # reference: the textbook formula with scipy
+    with torch.no_grad():
+        a = extractor(to_uint8_nchw(real)).double().numpy()
+        b = extractor(to_uint8_nchw(shifted)).double().numpy()
+    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real)
+    assert fid > 1.0 and fid == pytest.approx(expected, rel=1e-4)
+    # same images given as float NCHW tensors
+    as_float = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255
+    assert compute_fid(as_float, shifted, feature_extractor=extractor) == pytest.approx(fid, rel=1e-4)
+
+
+def test_precision_recall_known_sets():
+    real = torch.arange(0.0, 10.0).unsqueeze(1)  # 1-D points 0..9: k=1 balls of radius 1
+    inside = torch.tensor([[0.0], [0.5], [1.0], [1.5]])  # k=1 balls of radius 0.5: cover real 0, 1, 2
+    far = torch.tensor([[20.0], [21.0], [22.0], [23.0]])
+    assert precision_recall(real, real, k=1) == {"precision": 1.0, "recall": 1.0}
+    pr = precision_recall(real, inside, k=1)
+    assert pr["precision"] == 1.0 and pr["recall"] == pytest.approx(0.3)
+    assert precision_recall(real, far, k=1) == {"precision": 0.0, "recall": 0.0}
+    torch.testing.assert_close(frechet_distance(real, real + 2.0), 4.0, rtol=1e-6, atol=1e-6)
+
+
+def synthetic_digits(num_per_class, num_classes=4, size=16, seed=0):
+    """Class c = a bright square in quadrant c, plus noise: separable, uint8 NHWC."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(num_classes), num_per_class)
+    images = rng.integers(0, 60, size=(len(labels), size, size, 3)).astype(np.uint8)
+    half = size // 2
+    for i, label in enumerate(labels):
+        r, c = divmod(int(label), 2)
+        images[i, r * half : (r + 1) * half, c * half : (c + 1) * half] += 150
+    return images, labels
+
+
+def test_feature_classifier_trains_caches_and_evaluates(tmp_path):
+    images, labels = synthetic_digits(24)
+    kwargs = dict(seed=0, cache_dir=str(tmp_path), epochs=4, batch_size=32, num_features=8, width=4)
+    classifier = train_feature_classifier(images, labels, **kwargs)
+    assert not classifier.loaded_from_cache and os.path.isfile(classifier.cache_path)
+    test_images, test_labels = synthetic_digits(10, seed=1)
+    assert class_accuracy(classifier, test_images, test_labels) >= 0.95
+    assert classifier.train_accuracy >= 0.95
+    mtime = os.path.getmtime(classifier.cache_path)
+
+    again = train_feature_classifier(images, labels, **kwargs)
+    assert again.loaded_from_cache and again.cache_path == classifier.cache_path
+    assert os.path.getmtime(again.cache_path) == mtime and len(os.listdir(tmp_path)) == 1
+    for key, value in classifier.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key])
+    # another hyper-parameter or other data: another cache entry
+    changed = train_feature_classifier(images, labels, **{**kwargs, "epochs": 1})
+    assert not changed.loaded_from_cache and changed.cache_path != classifier.cache_path
+
+    # features: penultimate layer, any input size and channel count
+    with torch.no_grad():
+        assert classifier(to_uint8_nchw(test_images[:3])).shape == (3, 8)
+        assert classifier(torch.rand(2, 1, 32, 32)).shape == (2, 8)
+
+    result = evaluate_samples(images, labels, test_images, test_labels, classifier)
+    assert result["num_real"] == 96 and result["num_fake"] == 40
+    assert result["accuracy"] >= 0.95 and result["real_accuracy"] >= 0.95
+    wrong = evaluate_samples(images, labels, test_images, (test_labels + 1) % 4, classifier)
+    assert wrong["accuracy"] <= 0.05
+    assert evaluate_samples(images, None, images, labels, classifier)["fid"] == pytest.approx(0.0, abs=1e-6)
+    blank = np.zeros_like(test_images)
+    assert evaluate_samples(images, labels, blank, test_labels, classifier)["fid"] > result["fid"]
+
+
+def test_missing_inception_weights_error_names_the_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    expected = os.path.join(str(tmp_path / "torch_home"), "hub", "checkpoints", "weights-inception-2015-12-05-6726825d.pth")
+    with pytest.raises(FileNotFoundError) as error:
+        compute_fid(images, images)
+    assert expected in str(error.value) and "pip install torch-fidelity" in str(error.value)
+    missing = str(tmp_path / "nowhere.pth")
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        compute_fid(images, images, inception_weights=missing)
+    # weights present but torch-fidelity absent: a clear ImportError naming the extra
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"")
+    monkeypatch.setattr(evaluation, "_torch_fidelity_available", lambda: False)
+    with pytest.raises(ImportError, match=r"diffusers-selftrans\[metrics\]"):
+        compute_fid(images, images, inception_weights=str(weights))
