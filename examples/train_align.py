@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from diffusers_selftrans import SiTTransformer2DModel
 from diffusers_selftrans import training as T
-from diffusers_selftrans.alignment import ALIGNMENT_METHODS, build_alignment
+from diffusers_selftrans.alignment import ALIGNMENT_METHODS, accepted_options, build_alignment
 from diffusers_selftrans.data import TrainDataStream, add_data_args
 from diffusers_selftrans.transport import Transport
 
@@ -76,11 +76,11 @@ def parse_args(input_args=None):
     return args
 
 
-def alignment_options(args) -> dict:
-    """CLI flags -> `build_alignment` keyword arguments (None means the method's default)."""
+def alignment_options(args, method: str) -> dict:
+    """Generic CLI flags -> the option names `method` accepts (None keeps the method's default)."""
     options = {
-        "layer": args.align_layer,
-        "target_layer": args.align_target_layer,
+        "layer": args.align_layer, "student_layer": args.align_layer, "weak_layer": args.align_layer,
+        "teacher_layer": args.align_target_layer, "target_layer": args.align_target_layer,
         "weight": args.align_loss_weight,
         "align_target": args.align_target,
         "t_range": None if args.no_t_range else tuple(args.t_range),
@@ -88,11 +88,12 @@ def alignment_options(args) -> dict:
         "encoder": args.repa_encoder,
         "t_max": args.sra_t_max,
     }
-    return {k: v for k, v in options.items() if v is not None}
+    accepted = accepted_options(method)
+    return {k: v for k, v in options.items() if v is not None and k in accepted}
 
 
 def build_stage1_method(args, model, accelerator):
-    return build_alignment(args.alignment, model.config, **alignment_options(args))
+    return build_alignment(args.alignment, model.config, **alignment_options(args, args.alignment))
 
 
 def train(args, build_method, *, card_template: str, base_model=None):
@@ -146,7 +147,7 @@ def train(args, build_method, *, card_template: str, base_model=None):
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     method = build_method(args, model, accelerator)
-    heads = [m for m in method.trainable_modules()] if hasattr(method, "trainable_modules") else []
+    heads = method.trainable_modules()  # projectors / heads: prepared (DDP) on their own, never the method object
     ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,
                    model_cls=SiTTransformer2DModel, model_config=model.config)
     params = list(model.parameters()) + [p for h in heads for p in h.parameters() if p.requires_grad]
@@ -155,12 +156,11 @@ def train(args, build_method, *, card_template: str, base_model=None):
     if args.torch_compile:
         model = torch.compile(model)
     model, optimizer, *heads = accelerator.prepare(model, optimizer, *heads)
-    if hasattr(method, "set_trainable_modules"):
-        method.set_trainable_modules(heads)  # the prepared (DDP-wrapped) heads are what the loss must call
+    method.set_trainable_modules(heads)  # the prepared (DDP-wrapped) heads are what the loss must call
     method.to(accelerator.device)
     ema.to(accelerator.device)
     ema_teacher = None
-    if getattr(method, "needs_ema_teacher", False):  # SRA: the EMA network is the teacher
+    if getattr(method, "requires_teacher", False):  # SRA: the EMA network is the teacher
         ema_teacher = SiTTransformer2DModel.from_config(T.unwrap(accelerator, model).config).to(accelerator.device)
         ema_teacher.eval().requires_grad_(False)
     T.register_checkpoint_hooks(accelerator, ema)
@@ -199,13 +199,14 @@ def train(args, build_method, *, card_template: str, base_model=None):
             labels = batch["class_labels"].to(accelerator.device)
             t, noise, x_t, target = transport.sample(x0)
             # One label-dropout draw, shared by every model that needs the student's labels (SRA).
-            drop = (torch.rand(labels.shape[0], device=labels.device) < args.class_dropout_prob).long()
-            layers = method.student_layers(global_step) if callable(method.student_layers) else method.student_layers
-            out = model(x_t, t, labels, output_hidden_states=list(layers) or None, force_drop_ids=drop)
+            drop = torch.rand(labels.shape[0], device=labels.device) < args.class_dropout_prob
+            active = method.is_active(global_step)  # False for good after ST's guide stop: no teacher, no head
+            layers = method.student_layers if active else ()
+            out = model(x_t, t, labels, output_hidden_states=list(layers) or None, force_drop_ids=drop.long())
             loss_diff = ((out.sample.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).mean()
-            terms = method(out.hidden_states or {}, x0=x0, noise=noise, x_t=x_t, t=t, target=target,
-                           class_labels=labels, force_drop_ids=drop, step=global_step,
-                           pixel_values=batch.get("pixel_values"), teacher=ema_teacher)
+            terms = method(out.hidden_states, x0=x0, noise=noise, x_t=x_t, t=t, target=target,
+                           class_labels=labels, force_drop_ids=drop.bool(), step=global_step,
+                           pixel_values=batch.get("pixel_values"), teacher=ema_teacher) if active else {}
             loss = loss_diff + sum(method.weights[name] * value for name, value in terms.items())
             if guard.check(loss):
                 accelerator.backward(loss)

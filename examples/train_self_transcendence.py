@@ -67,7 +67,7 @@ def build_stage2_method(args, model, accelerator):
     import torch
 
     teacher = T.load_transformer(args.guiding_model_name_or_path, subfolder=args.guiding_model_subfolder)
-    teacher = teacher.to(accelerator.device, getattr(torch, args.guiding_dtype))
+    teacher = teacher.to(accelerator.device)
     stop = args.guide_stop_step
     if stop is None:
         epochs = args.guide_stop_epochs or GUIDE_STOP_EPOCHS_BY_DEPTH.get(model.config.num_layers, 20)
@@ -78,11 +78,12 @@ def build_stage2_method(args, model, accelerator):
         "teacher": teacher,
         "guided_layer": args.guided_layer,
         "guiding_layer": args.guiding_layer,
-        "cfg_scale": args.guide_cfg_scale,
+        "guidance_scale": args.guide_cfg_scale,
         "weight": args.guide_loss_weight,
-        "stop_step": stop,
+        "guide_stop_step": stop,
         "t_range": None if args.no_t_range else tuple(args.t_range),
         "t_range_mode": args.t_range_mode,
+        "teacher_dtype": getattr(torch, args.guiding_dtype),
     }
     return build_alignment("self_transcendence", model.config, **{k: v for k, v in options.items() if v is not None})
 
