@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
+from accelerate.utils import parse_flag_from_env
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
@@ -157,7 +158,8 @@ def main(args: Optional[argparse.Namespace] = None) -> Dict:
     if args is None:
         args = parse_args()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    state = PartialState()
+    # `accelerate launch --cpu` only sets ACCELERATE_USE_CPU, which PartialState alone does not read.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     rank, world_size = state.process_index, state.num_processes
     dtype = DTYPES[args.vae_dtype]
     os.makedirs(args.output_dir, exist_ok=True)
@@ -170,7 +172,8 @@ def main(args: Optional[argparse.Namespace] = None) -> Dict:
     # 1. Resume point (checked first: a run with other settings fails before any work), data and VAE.
     metadata = _shard_metadata(args, rank, world_size)
     first_shard = _completed_shards(args.output_dir, metadata, rank)
-    source = ImageSource(args)
+    with state.main_process_first():  # the Arrow cache of local data is built once
+        source = ImageSource(args)
     vae = AutoencoderKL.from_pretrained(args.vae_name_or_path, subfolder=args.vae_subfolder)
     vae = vae.to(state.device, dtype=dtype).eval().requires_grad_(False)
     downsample = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -121,22 +121,18 @@ def train(args, build_method, *, card_template: str, base_model=None):
         per_device = args.global_batch_size // denom
     global_batch = per_device * accelerator.num_processes * args.gradient_accumulation_steps
 
-    # 2. Data (exactly one sharding layer: the stream shards by process itself; it is not passed to `prepare`)
+    # 2. VAE and data (exactly one sharding layer: the stream shards by process itself; it is not passed to `prepare`)
+    set_seed(args.seed)
+    vae = T.load_vae(args).to(accelerator.device)
     stream = TrainDataStream(args, per_device, process_index=accelerator.process_index,
-                             num_processes=accelerator.num_processes, seed=args.seed)
-    dataset_size = getattr(stream, "num_examples", None)
+                             num_processes=accelerator.num_processes, seed=args.seed, vae_config=vae)
+    dataset_size = stream.num_examples
     if dataset_size is None and (args.dataset_name or "").endswith("imagenet-1k"):
         dataset_size = T.IMAGENET_TRAIN_SIZE
     if args.max_train_steps is None:
         args.max_train_steps = T.steps_from_epochs(args.num_train_epochs, dataset_size, global_batch, "--max_train_steps")
 
     # 3. Models: the same initial weights on every process, then per-process noise
-    set_seed(args.seed)
-    vae = T.load_vae(args).to(accelerator.device)
-    if stream.is_latent and getattr(stream, "latent_stats", None):
-        from diffusers_selftrans.data import check_latent_stats
-
-        check_latent_stats(stream.latent_stats, vae)
     encoder = T.LatentEncoder(vae)
     config = T.model_config_from_args(args, sample_size=T.vae_latent_size(vae, args.resolution),
                                       in_channels=vae.config.latent_channels, num_classes=stream.num_classes)
@@ -164,7 +160,6 @@ def train(args, build_method, *, card_template: str, base_model=None):
         ema_teacher = SiTTransformer2DModel.from_config(T.unwrap(accelerator, model).config).to(accelerator.device)
         ema_teacher.eval().requires_grad_(False)
     T.register_checkpoint_hooks(accelerator, ema)
-    accelerator.register_for_checkpointing(stream)
     transport = Transport(time_sampling=args.time_sampling)
 
     # 4. Resume
@@ -173,6 +168,7 @@ def train(args, build_method, *, card_template: str, base_model=None):
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
         accelerator.load_state(str(resume))
+        stream.load_state(str(resume))  # every process its own data position
         global_step = T.checkpoint_step(resume)
     else:
         set_seed(args.seed, device_specific=True)  # on resume, load_state restored every process's RNG instead
@@ -222,6 +218,7 @@ def train(args, build_method, *, card_template: str, base_model=None):
             ema.copy_to(ema_teacher.parameters())
         global_step += 1
         images_seen += global_batch
+        logged = {}
         for name, value in [("loss", loss), ("loss_diff", loss_diff)] + [(f"loss_{k}", v) for k, v in terms.items()]:
             logged[name] = accelerator.reduce(value.detach().float(), "mean").item()
         if loss_log is not None:
@@ -237,7 +234,7 @@ def train(args, build_method, *, card_template: str, base_model=None):
             progress.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_sec']:.1f}")
         if global_step % args.checkpointing_steps == 0:
             guard.last_good_checkpoint = T.save_checkpoint(accelerator, output_dir, global_step,
-                                                           args.checkpoints_total_limit)
+                                                           args.checkpoints_total_limit, stream=stream)
         if global_step % args.validation_steps == 0:
             T.save_ema_samples(args, accelerator, model, ema, vae, global_step, num_classes, id2label)
     progress.close()

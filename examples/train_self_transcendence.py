@@ -51,8 +51,10 @@ def parse_args(input_args=None):
                    help="Optimizer step after which the guide loss and the teacher stop. Default: --guide_stop_epochs.")
     g.add_argument("--guide_stop_epochs", type=float, default=None,
                    help="Default 20 epochs for 12-block models, 10 for deeper ones (paper §4).")
-    g.add_argument("--guiding_dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="Teacher precision (bf16 halves its cost on GPUs; fp32 on CPUs without bf16).")
+    g.add_argument("--guiding_autocast", type=str, default="no", choices=["no", "bf16", "fp16"],
+                   help="Run the fp32 teacher under autocast (GPU: bf16 is ~4x faster). Keep its weights fp32: "
+                        "with bf16 weights, w=30 amplifies the rounding of f_c - f_u (relative error 0.19 vs 0.024 "
+                        "measured on an H100 with a SiT-B-sized teacher).")
     args = T.parse_args_with_config(parser, input_args)
     if args.guiding_model_name_or_path is None:
         parser.error("--guiding_model_name_or_path is required (the stage-1 output of train_align.py).")
@@ -83,7 +85,7 @@ def build_stage2_method(args, model, accelerator):
         "guide_stop_step": stop,
         "t_range": None if args.no_t_range else tuple(args.t_range),
         "t_range_mode": args.t_range_mode,
-        "teacher_dtype": getattr(torch, args.guiding_dtype),
+        "teacher_autocast": {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.guiding_autocast],
     }
     return build_alignment("self_transcendence", model.config, **{k: v for k, v in options.items() if v is not None})
 

@@ -318,6 +318,8 @@ def test_self_transcendence_construction_errors(tiny_sit, tiny_sit_config):
         build_alignment("self_transcendence", cfg, teacher=wide, projector=AlignmentProjector(32, 32, SMALL_PROJ))
     with pytest.raises(ValueError, match="guiding model"):
         build_alignment("self_transcendence", cfg, teacher=None)
+    with pytest.raises(ValueError, match="teacher_autocast"):
+        build_alignment("self_transcendence", cfg, teacher=tiny_sit, teacher_autocast=torch.float64)
     method = build_alignment("self_transcendence", cfg, teacher=tiny_sit, projector_dim=SMALL_PROJ)
     batch = make_batch(cfg)
     batch["class_labels"] = torch.tensor([1, cfg["num_classes"], 2])

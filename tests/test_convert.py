@@ -28,6 +28,15 @@ FLAVOR_CONFIG = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: one thread is faster than several fighting over shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mae_pos_embed(dim, grid):
     """MAE `get_2d_sincos_pos_embed`, re-derived in numpy: (grid*grid, dim), first half encodes the column."""
     gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))  # "xy": w first

@@ -62,6 +62,15 @@ class FlattenFeatures(torch.nn.Module):
         return self.proj(images.float().flatten(1) / 255)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions gain nothing from intra-op threads, and on a busy shared CPU they run ~10x slower with them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def read_folder(folder):
     return {name: np.asarray(Image.open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))}
 
@@ -188,7 +197,7 @@ def test_image_conversion():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_fid_with_feature_module():
+def test_fid_with_feature_module(one_thread):
     from scipy import linalg
 
     rng = np.random.default_rng(0)
@@ -233,9 +242,9 @@ def synthetic_digits(num_per_class, num_classes=4, size=16, seed=0):
     return images, labels
 
 
-def test_feature_classifier_trains_caches_and_evaluates(tmp_path):
+def test_feature_classifier_trains_caches_and_evaluates(tmp_path, one_thread):
     images, labels = synthetic_digits(24)
-    kwargs = dict(seed=0, cache_dir=str(tmp_path), epochs=4, batch_size=32, num_features=8, width=4)
+    kwargs = dict(seed=0, cache_dir=str(tmp_path), epochs=6, batch_size=16, num_features=16, width=8)
     classifier = train_feature_classifier(images, labels, **kwargs)
     assert not classifier.loaded_from_cache and os.path.isfile(classifier.cache_path)
     test_images, test_labels = synthetic_digits(10, seed=1)
@@ -254,8 +263,8 @@ def test_feature_classifier_trains_caches_and_evaluates(tmp_path):
 
     # features: penultimate layer, any input size and channel count
     with torch.no_grad():
-        assert classifier(to_uint8_nchw(test_images[:3])).shape == (3, 8)
-        assert classifier(torch.rand(2, 1, 32, 32)).shape == (2, 8)
+        assert classifier(to_uint8_nchw(test_images[:3])).shape == (3, 16)
+        assert classifier(torch.rand(2, 1, 32, 32)).shape == (2, 16)
 
     result = evaluate_samples(images, labels, test_images, test_labels, classifier)
     assert result["num_real"] == 96 and result["num_fake"] == 40
@@ -283,3 +292,90 @@ def test_missing_inception_weights_error_names_the_path(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "_torch_fidelity_available", lambda: False)
     with pytest.raises(ImportError, match=r"diffusers-selftrans\[metrics\]"):
         compute_fid(images, images, inception_weights=str(weights))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# examples/sample_fid.py end to end (tiny SiTPipeline, feature-classifier metrics, resume)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_sample_fid_script():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "sample_fid.py")
+    spec = importlib.util.spec_from_file_location("sample_fid", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_fid_parse_args_validates():
+    script = load_sample_fid_script()
+    args = script.parse_args(["--pipeline_name_or_path", "p", "--output_dir", "o"])
+    assert (args.sampler, args.num_inference_steps, args.num_samples) == ("sde", 250, 50_000)
+    assert args.guidance_interval == [0.0, 1.0] and args.guidance_scale == 1.0 and not args.antialias
+    with pytest.raises(ValueError, match="guidance_interval"):
+        script.parse_args(["--pipeline_name_or_path", "p", "--output_dir", "o", "--guidance_interval", "0.8", "0.2"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pipeline_name_or_path", "p", "--output_dir", "o", "--sampler", "dpm"])
+    assert type(script.build_scheduler("heun")).__name__ == "FlowMatchHeunDiscreteScheduler"
+    assert type(script.build_scheduler("sde")).__name__ == "SiTEulerMaruyamaScheduler"
+
+
+def test_sample_fid_end_to_end_and_resume(tmp_path, tiny_sit, one_thread):
+    from diffusers import AutoencoderKL
+
+    from diffusers_selftrans import SiTPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        sample_size=16).eval()
+    SiTPipeline(tiny_sit, vae, FlowMatchEulerDiscreteScheduler(shift=1.0)).save_pretrained(tmp_path / "pipe")
+
+    # real images and a feature classifier (10 classes, as the tiny SiT)
+    images, labels = synthetic_digits(3, num_classes=10)
+    os.makedirs(tmp_path / "real")
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / "real" / f"{i:03d}.png")
+    classifier = train_feature_classifier(images, labels, num_classes=10, cache_dir=str(tmp_path / "clf"), epochs=1,
+                                          batch_size=16, num_features=4, width=4)
+
+    script = load_sample_fid_script()
+    argv = ["--pipeline_name_or_path", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "eval"),
+            "--num_samples", "5", "--per_device_batch_size", "2", "--sampler", "euler", "--num_inference_steps", "2",
+            "--guidance_scale", "1.5", "--guidance_interval", "0.0", "0.7", "--seed", "3",
+            "--ref_batch", str(tmp_path / "real"), "--feature_classifier", classifier.cache_path]
+    script.main(script.parse_args(argv))
+
+    with np.load(tmp_path / "eval" / "samples.npz") as data:
+        arr, arr_labels = data["arr_0"], data["arr_1"]
+    assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
+    assert arr_labels.tolist() == [e.class_label for e in class_balanced_plan(5, 10, seed=3)]
+    record = json.loads((tmp_path / "eval" / "sampling_info.json").read_text())
+    sampling, metrics = record["sampling"], record["metrics"]
+    assert sampling["sampler"] == "FlowMatchEulerDiscreteScheduler" and sampling["nfe"] == 2
+    assert sampling["guidance_scale"] == 1.5 and sampling["guidance_interval"] == [0.0, 0.7]
+    assert sampling["num_samples"] == 5 and sampling["seed"] == 3 and sampling["num_classes"] == 10
+    assert 0.0 <= metrics["class_accuracy"] <= 1.0 and metrics["feature_fid"] > 0
+    assert metrics["num_fake"] == 5 and metrics["num_real"] == 30
+
+    # one image drawn directly from the pipeline with the plan's seed matches the PNG
+    entry = class_balanced_plan(5, 10, seed=3)[4]
+    pipe = SiTPipeline.from_pretrained(tmp_path / "pipe")
+    direct = pipe(class_labels=[entry.class_label], guidance_scale=1.5, guidance_interval=(0.0, 0.7),
+                  num_inference_steps=2, generator=[torch.Generator().manual_seed(entry.seed)], output_type="np").images
+    np.testing.assert_array_equal(to_uint8_nhwc(direct)[0], arr[4])
+
+    # resume: existing PNGs are kept, a missing one is drawn again identically
+    png = tmp_path / "eval" / "samples" / "000001.png"
+    kept = tmp_path / "eval" / "samples" / "000000.png"
+    mtime = os.path.getmtime(kept)
+    os.remove(png)
+    script.main(script.parse_args(argv))
+    assert os.path.getmtime(kept) == mtime
+    with np.load(tmp_path / "eval" / "samples.npz") as data:
+        np.testing.assert_array_equal(data["arr_0"], arr)
+    # other sampling settings into the same folder are refused
+    with pytest.raises(ValueError, match="other settings"):
+        script.main(script.parse_args(argv[:-4] + ["--guidance_scale", "2.0"]))

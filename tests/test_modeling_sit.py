@@ -25,6 +25,15 @@ from diffusers_selftrans.models.transformer_sit import (
 REFERENCE_PARAMS_M = {"SiT-B/2": 130.3, "SiT-L/2": 457.8, "SiT-XL/2": 674.8}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: one thread is faster than several fighting over shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize(model, seed=0, scale=0.05):
     """Un-zero the adaLN-Zero and output layers so every weight reaches the output."""
     torch.manual_seed(seed)

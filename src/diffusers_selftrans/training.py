@@ -99,7 +99,6 @@ def add_training_args(parser: argparse.ArgumentParser):
     g.add_argument("--validation_guidance_scale", type=float, default=DEFAULT_VALIDATION_GUIDANCE)
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", type=str, default=None)
-    g.add_argument("--hub_token", type=str, default=None)
     g.add_argument("--hub_private", action="store_true")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar.")
 
@@ -281,14 +280,19 @@ def checkpoint_step(path: Path) -> int:
     return int(Path(path).name[len(CHECKPOINT_PREFIX):])
 
 
-def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int] = None) -> Path:
-    """`accelerator.save_state` into `checkpoint-N.tmp`, then an atomic rename to `checkpoint-N`; prune old ones."""
+def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int] = None, stream=None) -> Path:
+    """`accelerator.save_state` into `checkpoint-N.tmp`, then an atomic rename to `checkpoint-N`; prune old ones.
+
+    `stream` (a `TrainDataStream`) writes each process's data position into the same folder before the rename.
+    """
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     tmp = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if stream is not None:
+        stream.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)

@@ -170,10 +170,16 @@ def follow_device(module: nn.Module, device: torch.device) -> None:
         module.to(device)
 
 
-def frozen_forward_context(device: torch.device, dtype: torch.dtype):
-    """bf16/fp16 autocast around a half-precision frozen net on CUDA; otherwise the caller's context is kept."""
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
+def frozen_forward_context(device: torch.device, dtype: torch.dtype, autocast_dtype: Optional[torch.dtype] = None):
+    """Autocast on CUDA around a frozen net: `autocast_dtype` if given, else the weights' dtype when half precision.
+
+    Otherwise (fp32 weights, or CPU, where bf16 autocast is slow) the caller's context is kept.
+    """
+    if device.type == "cuda":
+        if autocast_dtype is not None:
+            return torch.autocast("cuda", dtype=autocast_dtype)
+        if dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 

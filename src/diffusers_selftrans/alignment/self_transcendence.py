@@ -58,7 +58,12 @@ class SelfTranscendence(AlignmentMethod):
         weight (`float`, defaults to 0.5): λ_guide.
         t_range, t_range_mode: as in `VAEAlignment` (defaults `(0.4, 0.7)`, `"code_compat"`).
         guide_stop_step (`int`, *optional*): first global step without the guide loss (B: 20 epochs, L/XL: 10).
-        teacher_dtype (`torch.dtype`, *optional*): e.g. `torch.bfloat16`; run under bf16 autocast on CUDA.
+        teacher_dtype (`torch.dtype`, *optional*): cast the teacher's WEIGHTS (e.g. `torch.bfloat16`; bf16 autocast
+            on CUDA). Its residual stream is then bf16 too, and w = 30 amplifies that rounding in `f_c - f_u`.
+        teacher_autocast (`torch.dtype`, *optional*): run the teacher under this autocast on CUDA with its weights
+            as loaded. `torch.bfloat16` with fp32 weights is as fast as bf16 weights but keeps the residual stream
+            in fp32 (measured on an H100, SiT-B-sized random teacher: f_g relative error 0.024 vs 0.19 for bf16
+            weights; fp32 is ~4x slower). The recommended setting. Ignored on CPU.
         projector_dim (`int`, defaults to 2048), projector (`AlignmentProjector`, *optional*): as in `VAEAlignment`.
 
     Per call: `features` with block `guided_layer`, `x_t`, `t`, `class_labels` (the TRUE labels, never the dropped
@@ -82,6 +87,7 @@ class SelfTranscendence(AlignmentMethod):
         t_range_mode: str = DEFAULT_T_RANGE_MODE,
         guide_stop_step: Optional[int] = None,
         teacher_dtype: Optional[torch.dtype] = None,
+        teacher_autocast: Optional[torch.dtype] = None,
         projector_dim: int = DEFAULT_PROJECTOR_DIM,
         projector: Optional[AlignmentProjector] = None,
     ):
@@ -121,6 +127,9 @@ class SelfTranscendence(AlignmentMethod):
         self.t_range = check_t_range(t_range, t_range_mode)
         self.t_range_mode = t_range_mode
         self.guide_stop_step = guide_stop_step
+        if teacher_autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"teacher_autocast must be None, torch.bfloat16 or torch.float16, got {teacher_autocast}.")
+        self.teacher_autocast = teacher_autocast
         self.null_class = tea["num_classes"]
         self.weights = {self.term: float(weight)}
 
@@ -164,7 +173,7 @@ class SelfTranscendence(AlignmentMethod):
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
         t = t.expand(n) if t.ndim == 0 else t.reshape(n)
         labels = torch.cat([class_labels, torch.full_like(class_labels, self.null_class)])
-        with frozen_forward_context(x_t.device, dtype):
+        with frozen_forward_context(x_t.device, dtype, self.teacher_autocast):
             out = self.teacher(
                 torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), labels, stop_at_layer=self.guiding_layer
             )

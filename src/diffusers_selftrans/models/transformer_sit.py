@@ -381,6 +381,19 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin):
         if stop_at_layer is not None and any(k > stop_at_layer for k in layers):
             raise ValueError(f"Requested features {sorted(layers)} lie beyond stop_at_layer={stop_at_layer}.")
 
+    def _drop_labels(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """Classifier-free-guidance dropout: labels -> null class (`num_classes`) where forced, or at random with
+        `class_dropout_prob` in train mode only (the teacher must be in eval mode, or its labels get dropped)."""
+        if force_drop_ids is None:
+            if not (self.training and self.config.class_dropout_prob > 0):
+                return labels
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.config.class_dropout_prob
+        else:
+            if self.config.class_dropout_prob <= 0:
+                raise ValueError("force_drop_ids needs the null class, which exists only when class_dropout_prob > 0.")
+            drop = force_drop_ids.to(labels.device).reshape(labels.shape).bool()
+        return torch.where(drop, torch.full_like(labels, self.config.num_classes), labels)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -415,7 +428,7 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin):
 
         # 1. Input
         x = self.x_embedder(hidden_states) + self.pos_embed.to(hidden_states.dtype)  # (N, T, D), T = H * W / p**2
-        c = self.t_embedder(t) + self.y_embedder(class_labels, force_drop_ids=force_drop_ids)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder.embedding_table(self._drop_labels(class_labels, force_drop_ids))  # (N, D)
         c = c.to(x.dtype)
 
         # 2. Blocks
