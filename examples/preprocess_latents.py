@@ -51,7 +51,7 @@ from diffusers_selftrans.data import (
 
 logger = get_logger(__name__)
 
-# REPA decodes with sd-vae-ft-ema (method notes §2.1); ft-ema and ft-mse share the encoder, so the latents are the same.
+# REPA decodes with sd-vae-ft-ema (method notes §2.1); ft-ema and ft-mse share the encoder, so the latents match.
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 # Records per shard: 1000 ImageNet latents at 256 px are ~32 MB (64 MB with flips).
 DEFAULT_SHARD_SIZE = 1000
@@ -66,11 +66,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Encode a dataset into VAE latent shards (posterior mean and std).")
     add_data_args(parser)
-    parser.add_argument("--vae_name_or_path", type=str, default=DEFAULT_VAE, help="AutoencoderKL Hub id or local path.")
+    parser.add_argument("--vae_name_or_path", type=str, default=DEFAULT_VAE, help="AutoencoderKL Hub id or path.")
     parser.add_argument("--vae_subfolder", type=str, default=None, help="Subfolder of the VAE (e.g. 'vae').")
     parser.add_argument("--vae_dtype", type=str, default="float32", choices=sorted(DTYPES), help="Encoder precision.")
     parser.add_argument("--output_dir", type=str, required=True, help="Where shards and stats.json are written.")
-    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="Images per VAE call (per process).")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="Images per VAE call and process.")
     parser.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="Records per shard file.")
     parser.add_argument("--with_flip", action="store_true", help="Also store the moments of the flipped image.")
     parser.add_argument("--max_samples", type=int, default=None, help="Encode only the first N records (tests).")

@@ -59,7 +59,11 @@ DEFAULT_GUIDANCE_SCALE = 1.0
 DEFAULT_GUIDANCE_INTERVAL = (0.0, 1.0)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Settings that must match for a rerun to reuse the PNGs already in --output_dir.
-_RESUME_KEYS = ("sampler", "num_inference_steps", "guidance_scale", "guidance_interval", "num_classes", "seed")
+# (num_samples too: the class-balanced plan, hence the label of each index, depends on it.)
+_RESUME_KEYS = (
+    "pipeline", "torch_dtype", "sampler", "scheduler_config", "num_inference_steps", "guidance_scale",
+    "guidance_interval", "num_samples", "num_classes", "seed",
+)
 
 
 def parse_args(input_args=None):
@@ -87,8 +91,12 @@ def parse_args(input_args=None):
     sampling.add_argument("--output_dir", type=str, required=True)
 
     metrics = parser.add_argument_group("metrics")
-    metrics.add_argument("--ref_batch", type=str, default=None, help="ADM reference .npz (arr_0) or a folder of real images.")
-    metrics.add_argument("--inception_weights", type=str, default=None, help="weights-inception-2015-12-05-6726825d.pth")
+    metrics.add_argument(
+        "--ref_batch", type=str, default=None, help="ADM reference .npz (arr_0) or a folder of real images."
+    )
+    metrics.add_argument(
+        "--inception_weights", type=str, default=None, help="Path of weights-inception-2015-12-05-6726825d.pth."
+    )
     metrics.add_argument("--feature_classifier", type=str, default=None, help="A train_feature_classifier cache file.")
     metrics.add_argument("--metrics_batch_size", type=int, default=64)
     metrics.add_argument(
@@ -131,6 +139,7 @@ def check_resumable(info_path: str, info: dict) -> None:
         return
     with open(info_path, encoding="utf-8") as f:
         previous = json.load(f).get("sampling", {})
+    info = json.loads(json.dumps(info, default=str))  # compare as stored (tuples become lists)
     changed = {key: (previous.get(key), info[key]) for key in _RESUME_KEYS if previous.get(key) != info[key]}
     if changed:
         raise ValueError(
@@ -175,9 +184,12 @@ def main(args):
     accelerator = Accelerator()
     from diffusers_selftrans import SiTPipeline  # imported here: the example's CLI parses without it
 
-    pipeline = SiTPipeline.from_pretrained(
-        args.pipeline_name_or_path, revision=args.revision, torch_dtype=TORCH_DTYPES[args.torch_dtype]
-    )
+    load_kwargs = {}
+    if args.revision is not None:
+        load_kwargs["revision"] = args.revision
+    if args.torch_dtype != "float32":  # only when asked: the keyword name differs across diffusers versions
+        load_kwargs["torch_dtype"] = TORCH_DTYPES[args.torch_dtype]
+    pipeline = SiTPipeline.from_pretrained(args.pipeline_name_or_path, **load_kwargs)
     pipeline.scheduler = build_scheduler(args.sampler)
     pipeline = pipeline.to(accelerator.device)
     num_classes = pipeline.transformer.config.num_classes

@@ -65,7 +65,7 @@ def add_alignment_args(parser: argparse.ArgumentParser):
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0])
     T.add_model_args(parser)
     add_data_args(parser)
     T.add_training_args(parser)
@@ -83,13 +83,15 @@ def alignment_options(args, method: str) -> dict:
         "teacher_layer": args.align_target_layer, "target_layer": args.align_target_layer,
         "weight": args.align_loss_weight,
         "align_target": args.align_target,
-        "t_range": None if args.no_t_range else tuple(args.t_range),
         "t_range_mode": args.t_range_mode,
         "encoder": args.repa_encoder,
         "t_max": args.sra_t_max,
     }
     accepted = accepted_options(method)
-    return {k: v for k, v in options.items() if v is not None and k in accepted}
+    options = {k: v for k, v in options.items() if v is not None and k in accepted}
+    if "t_range" in accepted:  # None is meaningful here: no range, the loss applies at every t
+        options["t_range"] = None if args.no_t_range else tuple(args.t_range)
+    return options
 
 
 def build_stage1_method(args, model, accelerator):
@@ -204,14 +206,15 @@ def train(args, build_method, *, card_template: str, base_model=None):
                            class_labels=labels, force_drop_ids=drop.bool(), step=global_step,
                            pixel_values=batch.get("pixel_values"), teacher=ema_teacher) if active else {}
             loss = loss_diff + sum(method.weights[name] * value for name, value in terms.items())
-            if guard.check(loss):
+            stepped = guard.check(loss)  # collective: every process skips a step that is non-finite anywhere
+            if stepped:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        if not accelerator.sync_gradients:
+        if not accelerator.sync_gradients or not stepped:
             continue
         ema.step(T.unwrap(accelerator, model).parameters())
         if ema_teacher is not None:
@@ -221,9 +224,6 @@ def train(args, build_method, *, card_template: str, base_model=None):
         logged = {}
         for name, value in [("loss", loss), ("loss_diff", loss_diff)] + [(f"loss_{k}", v) for k, v in terms.items()]:
             logged[name] = accelerator.reduce(value.detach().float(), "mean").item()
-        if loss_log is not None:
-            loss_log.write(json.dumps({"step": global_step, **logged}) + "\n")
-            loss_log.flush()
         progress.update(1)
         if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
             elapsed = time.perf_counter() - tick
@@ -232,6 +232,9 @@ def train(args, build_method, *, card_template: str, base_model=None):
             images_seen, tick = 0, time.perf_counter()
             accelerator.log(logged, step=global_step)
             progress.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_sec']:.1f}")
+        if loss_log is not None:
+            loss_log.write(json.dumps({"step": global_step, **logged}) + "\n")
+            loss_log.flush()
         if global_step % args.checkpointing_steps == 0:
             guard.last_good_checkpoint = T.save_checkpoint(accelerator, output_dir, global_step,
                                                            args.checkpoints_total_limit, stream=stream)
@@ -248,7 +251,7 @@ def train(args, build_method, *, card_template: str, base_model=None):
         final_grid = output_dir / "samples.png"
         if grid_path is not None:
             os.replace(grid_path, final_grid)
-        T.render_model_card(output_dir, template=card_template, args=args, command=T.command_line(),
+        T.render_model_card(output_dir, template=card_template, args=args, command=args.launch_command,
                             sample_image=final_grid.name, base_model=base_model,
                             metrics={"final_loss": logged.get("loss"), "steps": global_step,
                                      "nonfinite_skipped": guard.skipped})

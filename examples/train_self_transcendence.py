@@ -32,7 +32,7 @@ GUIDE_STOP_EPOCHS_BY_DEPTH = {12: 20, 24: 10, 28: 10}
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0])
     T.add_model_args(parser)
     add_data_args(parser)
     T.add_training_args(parser)
@@ -83,11 +83,12 @@ def build_stage2_method(args, model, accelerator):
         "guidance_scale": args.guide_cfg_scale,
         "weight": args.guide_loss_weight,
         "guide_stop_step": stop,
-        "t_range": None if args.no_t_range else tuple(args.t_range),
         "t_range_mode": args.t_range_mode,
         "teacher_autocast": {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.guiding_autocast],
     }
-    return build_alignment("self_transcendence", model.config, **{k: v for k, v in options.items() if v is not None})
+    options = {k: v for k, v in options.items() if v is not None}
+    options["t_range"] = None if args.no_t_range else tuple(args.t_range)  # None: the guide applies at every t
+    return build_alignment("self_transcendence", model.config, **options)
 
 
 def main(args=None):

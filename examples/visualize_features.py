@@ -39,8 +39,9 @@ PCA_COMPONENTS = 3  # one per RGB channel
 DPI = 100
 TITLE_PX = 30  # band above the PCA grid for column titles
 TSNE_FIGURE_PX = 640
-# Below this spread a principal component is constant (e.g. identical tokens): it is drawn mid-grey, not divided by ~0.
-DEGENERATE_RANGE = 1e-8
+# A principal component whose spread is below this fraction of the largest |token| value is float32 rounding noise
+# (identical tokens, rank < 3): it is drawn mid-grey instead of stretching the noise to [0, 1].
+DEGENERATE_RELATIVE_SPREAD = 1e-5
 
 
 def parse_args(input_args: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -181,6 +182,7 @@ def pca_rgb(tokens: torch.Tensor) -> np.ndarray:
     if grid * grid != t:
         raise ValueError(f"Expected a square token grid, got T={t}.")
     flat = tokens.reshape(n * t, d).double()
+    min_spread = DEGENERATE_RELATIVE_SPREAD * float(flat.abs().max())
     flat = flat - flat.mean(dim=0, keepdim=True)
     _, _, vh = torch.linalg.svd(flat, full_matrices=False)  # rows of vh: principal directions
     components = vh[:PCA_COMPONENTS]
@@ -191,7 +193,7 @@ def pca_rgb(tokens: torch.Tensor) -> np.ndarray:
     low, high = projected.min(dim=0).values, projected.max(dim=0).values
     spread = high - low
     for c in range(projected.shape[1]):
-        if spread[c] > DEGENERATE_RANGE * max(1.0, float(projected[:, c].abs().max())):
+        if spread[c] > min_spread:
             rgb[:, c] = (projected[:, c] - low[c]) / spread[c]
     return rgb.reshape(n, grid, grid, PCA_COMPONENTS).numpy()
 
@@ -218,7 +220,7 @@ def _to_display(image: torch.Tensor) -> np.ndarray:
         image = (image.float().clamp(-1, 1) + 1) / 2
     else:
         image = image[:3].float()
-        image = (image - image.min()) / (image.max() - image.min()).clamp_min(DEGENERATE_RANGE)
+        image = (image - image.min()) / (image.max() - image.min()).clamp_min(torch.finfo(image.dtype).eps)
     return image.expand(3, -1, -1).permute(1, 2, 0).numpy()
 
 

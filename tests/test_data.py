@@ -98,9 +98,9 @@ def _take(stream, n):
     return [next(iterator) for _ in range(n)]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Preprocessing values
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_scale_to_minus_one_one():
@@ -162,9 +162,9 @@ def test_modes_convert_to_rgb():
         preprocess_image(b"garbage", 8)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Local data through load_dataset
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_imagefolder_map_style_skips_and_counts(tmp_path, imagefolder, caplog):
@@ -262,11 +262,14 @@ def test_map_style_drops_remainder_evenly(tmp_path):
 @pytest.mark.parametrize("kind", ["parquet-map", "parquet-streaming", "imagefolder-map"])
 def test_exact_resume_with_flips(tmp_path, kind):
     if kind.startswith("parquet"):
-        data, extra = make_parquet(tmp_path / "p", corrupt=True), ["--streaming" if "streaming" in kind else "--no_streaming"]
+        data = make_parquet(tmp_path / "p", corrupt=True)
+        extra = ["--streaming" if "streaming" in kind else "--no_streaming"]
     else:
         data, extra = make_imagefolder(tmp_path / "f"), []
-    make = lambda: _stream(tmp_path, data, "--random_flip", *extra, batch_size=2, seed=5, num_processes=2,  # noqa: E731
-                           process_index=1)
+
+    def make():
+        return _stream(tmp_path, data, "--random_flip", *extra, batch_size=2, seed=5, num_processes=2, process_index=1)
+
     reference_stream = make()
     reference = _take(reference_stream, 8)  # crosses epoch boundaries (5 or fewer batches per epoch)
 

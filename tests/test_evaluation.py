@@ -279,7 +279,9 @@ def test_feature_classifier_trains_caches_and_evaluates(tmp_path, one_thread):
 def test_missing_inception_weights_error_names_the_path(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     images = np.zeros((2, 8, 8, 3), np.uint8)
-    expected = os.path.join(str(tmp_path / "torch_home"), "hub", "checkpoints", "weights-inception-2015-12-05-6726825d.pth")
+    expected = os.path.join(
+        str(tmp_path / "torch_home"), "hub", "checkpoints", "weights-inception-2015-12-05-6726825d.pth"
+    )
     with pytest.raises(FileNotFoundError) as error:
         compute_fid(images, images)
     assert expected in str(error.value) and "pip install torch-fidelity" in str(error.value)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
-    DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
     ImagePipelineOutput,
@@ -250,6 +249,15 @@ def test_determinism_and_batch_equals_singles(tiny_sit):
     assert not torch.allclose(single_gen, batch)
 
 
+def test_samples_in_eval_mode_and_restores_train_mode(tiny_sit):
+    pipe = make_pipe(tiny_sit, "euler")
+    kw = dict(class_labels=[1, 2, 3, 4], num_inference_steps=2, output_type="latent")
+    expected = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    tiny_sit.train()  # label dropout would replace some labels by the null class
+    assert torch.equal(pipe(**kw, generator=torch.Generator().manual_seed(0)).images, expected)
+    assert tiny_sit.training
+
+
 def test_end_to_end_images_and_notebook_call(tiny_sit):
     pipe = make_pipe(tiny_sit, "euler")
     # the notebook path: names and ids mixed, CFG with an interval
@@ -319,6 +327,13 @@ def test_label_resolution(tiny_sit):
         make_pipe(tiny_sit, id2label=None).get_label_ids("tench")
     with pytest.raises(ValueError, match="class_labels is required"):
         pipe(num_inference_steps=1)
+
+
+def test_id2label_defaults_to_the_transformer_config(tiny_sit_config):
+    transformer = SiTTransformer2DModel(**tiny_sit_config, id2label={str(k): v for k, v in ID2LABEL.items()}).eval()
+    pipe = make_pipe(transformer, id2label=None)
+    assert pipe.id2label == ID2LABEL and pipe.get_label_ids("Carassius auratus") == [1]
+    assert make_pipe(transformer, id2label={0: "zero"}).id2label == {0: "zero"}  # an explicit one wins
 
 
 def test_unconditional_model_needs_no_labels():

@@ -210,4 +210,5 @@ def test_latent_stats_mismatch_errors(plain_latents):
         check_latent_stats(stats, dict(same, _name_or_path="black-forest-labs/FLUX.1-dev"))
     # Through the stream: a VAE module with another latent width.
     with pytest.raises(ValueError, match="different VAE"):
-        TrainDataStream(_args("--latents_dir", plain_latents, "--resolution", RES), 1, vae_config=_tiny_vae(latent_channels=8))
+        args = _args("--latents_dir", plain_latents, "--resolution", RES)
+        TrainDataStream(args, 1, vae_config=_tiny_vae(latent_channels=8))

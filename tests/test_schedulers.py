@@ -1,7 +1,6 @@
 """Sampler grids and correctness: REPA's grids on diffusers' FlowMatch schedulers, the SiT Euler-Maruyama scheduler,
 and a known answer (Gaussian data, whose exact velocity field is closed-form)."""
 
-import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler

@@ -4,11 +4,11 @@ Scope:
 * `add_data_args` adds every data flag to an `argparse` parser (the same flags in both training scripts and in
   `examples/preprocess_latents.py`).
 * `ImageSource` opens any image dataset with ONE code path, `datasets.load_dataset`: Hub ids (default
-  `ILSVRC/imagenet-1k`, streamed), local `imagefolder` trees, parquet files and webdataset tars (map-style, Arrow cached,
-  by default). Images are decoded by us, not by `datasets`, so that a corrupt file is skipped and counted instead of
-  killing the run.
-* `LatentSource` reads the safetensors shards written by `examples/preprocess_latents.py` (posterior mean/std, optionally
-  of the flipped image too) and `check_latent_stats` refuses shards encoded with another VAE.
+  `ILSVRC/imagenet-1k`, streamed), local `imagefolder` trees, parquet files and webdataset tars (map-style, Arrow
+  cached, by default). Images are decoded by us, not by `datasets`, so that a corrupt file is skipped and counted
+  instead of killing the run.
+* `LatentSource` reads the safetensors shards written by `examples/preprocess_latents.py` (posterior mean/std,
+  optionally of the flipped image too) and `check_latent_stats` refuses shards encoded with another VAE.
 * `TrainDataStream` is the iterable both training scripts consume: per-process batches forever, sharded by process
   itself (exactly one sharding layer: do NOT pass it to `accelerator.prepare`), with an exact `state_dict` for resume.
 
@@ -38,7 +38,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-# Default Hub dataset: the official ImageNet-1k parquet repo (gated: accept the terms, then `hf auth login` or HF_TOKEN).
+# Default Hub dataset: the official ImageNet-1k parquet repo (gated: accept the terms, then log in or set HF_TOKEN).
 DEFAULT_DATASET_NAME = "ILSVRC/imagenet-1k"
 # REPA / Self-Transcendence train at 256x256 (method notes §2.1).
 DEFAULT_RESOLUTION = 256
@@ -72,9 +72,9 @@ SAME_ENCODER_VAES = ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Arguments
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -158,9 +158,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Image decoding and preprocessing
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def open_image(value: Any) -> Image.Image:
@@ -282,9 +282,9 @@ class SkipCounter:
             )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Ordered parallel map (exact order whatever the number of workers)
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _identity(x):
@@ -320,9 +320,9 @@ def ordered_map(reader: torch.utils.data.Dataset, keys: Iterable, num_workers: i
     yield from loader
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Image source: one `load_dataset` path for Hub ids, imagefolder, parquet and webdataset
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _is_local(path: Optional[str]) -> bool:
@@ -412,7 +412,8 @@ class ImageSource:
             if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
                 if self.streaming:
                     raise ValueError(
-                        f"Label column {self.label_column!r} holds strings; streaming needs integer/ClassLabel labels. "
+                        f"Label column {self.label_column!r} holds strings; streaming needs integer or ClassLabel "
+                        f"labels. "
                         f"Use --no_streaming (labels are then encoded in sorted order)."
                     )
                 dataset = dataset.class_encode_column(self.label_column)
@@ -441,9 +442,8 @@ class ImageSource:
         self.num_examples = None if self.streaming else len(dataset)
         self.resolution = args.resolution
         self.shuffle_buffer_size = getattr(args, "shuffle_buffer_size", DEFAULT_SHUFFLE_BUFFER_SIZE)
-        self.reader = _ImageReader(
-            None if self.streaming else dataset, self.image_column, self.label_column, self.num_classes, args.resolution
-        )
+        table = None if self.streaming else dataset
+        self.reader = _ImageReader(table, self.image_column, self.label_column, self.num_classes, args.resolution)
         logger.info(
             f"Image data {load_kwargs.get('path')} ({'streaming' if self.streaming else 'map-style'}): "
             f"image column {self.image_column!r}, label column {self.label_column!r}, {self.num_classes} classes"
@@ -538,7 +538,8 @@ class _ImageReader(torch.utils.data.Dataset):
         try:
             pixel_values = preprocess_image(value, self.resolution)
         except _DECODE_ERRORS as error:
-            return {"error": f"{type(error).__name__}: {error}", "label": int(label), "description": _describe(value, key)}
+            error = f"{type(error).__name__}: {error}"
+            return {"error": error, "label": int(label), "description": _describe(value, key)}
         return {"pixel_values": pixel_values, "label": int(label)}
 
 
@@ -548,9 +549,9 @@ def _describe(value, key) -> str:
     return f"#{key}" if isinstance(key, (int, np.integer)) else "<streamed record>"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Latent shards
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def latent_shard_name(shard_index: int, rank: int) -> str:
@@ -573,7 +574,8 @@ def save_latent_shard(path: str, tensors: Dict[str, torch.Tensor], metadata: Dic
     from safetensors.torch import save_file
 
     tmp_path = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path, metadata={k: str(v) for k, v in metadata.items()})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, tmp_path, metadata={k: str(v) for k, v in metadata.items()})
     os.replace(tmp_path, path)
 
 
@@ -600,14 +602,14 @@ def _normalize_vae_name(name) -> Optional[str]:
 def check_latent_stats(stats: Dict[str, Any], vae) -> None:
     """Raise a ValueError when latent shards (their `stats.json`) were not encoded by `vae`.
 
-    `vae`: an `AutoencoderKL`, or its config (dict / FrozenDict). Compares latent channels, scaling_factor, shift_factor
-    and, when both are Hub ids, the VAE id (local paths cannot be compared by name: only a warning then).
+    `vae`: an `AutoencoderKL`, or its config (dict / FrozenDict). Compares latent channels, scaling_factor,
+    shift_factor and, when both are Hub ids, the VAE id (local paths cannot be compared by name: only a warning then).
     """
     config = vae.config if hasattr(vae, "config") else vae
     problems = []
-    channels = _config_get(config, "latent_channels")
-    if channels is not None and stats.get("latent_channels") is not None and int(channels) != int(stats["latent_channels"]):
-        problems.append(f"latent channels {stats['latent_channels']} (shards) vs {channels} (VAE)")
+    channels, stored = _config_get(config, "latent_channels"), stats.get("latent_channels")
+    if channels is not None and stored is not None and int(channels) != int(stored):
+        problems.append(f"latent channels {stored} (shards) vs {channels} (VAE)")
     for key in ("scaling_factor", "shift_factor"):
         mine = _config_get(config, key)
         mine = 0.0 if (mine is None and key == "shift_factor") else mine
@@ -630,7 +632,8 @@ def check_latent_stats(stats: Dict[str, Any], vae) -> None:
     if problems:
         raise ValueError(
             f"The latent shards in {stats.get('latents_dir', 'the latents directory')} were encoded with a different "
-            f"VAE: {'; '.join(problems)}. Re-run examples/preprocess_latents.py with this VAE or pass the matching VAE."
+            f"VAE: {'; '.join(problems)}. Re-run examples/preprocess_latents.py with this VAE or pass the matching "
+            f"VAE."
         )
 
 
@@ -646,15 +649,17 @@ class LatentSource:
         stats_path = os.path.join(latents_dir, LATENT_STATS_FILE)
         if not os.path.isfile(stats_path):
             raise ValueError(
-                f"{stats_path} not found: {latents_dir} is not a finished preprocess_latents.py output (the stats file "
-                f"is written last; re-run the preprocessing, it resumes)."
+                f"{stats_path} not found: {latents_dir} is not a finished preprocess_latents.py output (the stats "
+                f"file is written last; re-run the preprocessing, it resumes)."
             )
         with open(stats_path) as f:
             self.stats = json.load(f)
         self.stats["latents_dir"] = latents_dir
         self.files = list_latent_shards(latents_dir)
         if self.stats.get("num_shards") is not None and len(self.files) != int(self.stats["num_shards"]):
-            raise ValueError(f"{latents_dir}: stats.json lists {self.stats['num_shards']} shards, found {len(self.files)}.")
+            raise ValueError(
+                f"{latents_dir}: stats.json lists {self.stats['num_shards']} shards, found {len(self.files)}."
+            )
         self.has_flip = bool(self.stats.get("flip"))
         labels, offsets, total = [], [], 0
         for path in self.files:
@@ -705,9 +710,9 @@ class _LatentReader(torch.utils.data.Dataset):
         return {name: handle.get_slice(name)[row : row + 1][0] for name in names}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # The training stream
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _encode_rng(state: torch.Tensor) -> str:
@@ -746,10 +751,11 @@ class TrainDataStream:
     == 0, which may give processes different epoch lengths; otherwise one record in num_processes).
 
     Resume: `state_dict()` (taken between batches) holds the epoch, the number of records this process consumed in it,
-    the counters and the flip RNG; a stream restored with `load_state_dict` yields exactly the batches the uninterrupted
-    stream would have yielded. Map-style data resumes instantly; streaming data re-reads (without decoding) the
-    consumed records of the current epoch, because datasets' own stream state drops the shuffle buffer. Each process
-    has its own state: save it per process (`save_state` / `load_state` write `data_state_rank{i}.json`;
+    the counters and the flip RNG; a stream restored with `load_state_dict` yields exactly the batches the
+    uninterrupted stream would have yielded. Map-style data resumes instantly; streaming data re-reads (without
+    decoding) the consumed records of the current epoch, because datasets' own stream state drops the shuffle buffer
+    (cost: reading up to one epoch of this process's raw records once per resume). Each process has its own state:
+    save it per process (`save_state` / `load_state` write `data_state_rank{i}.json`;
     `accelerator.register_for_checkpointing` would keep only the main process's state). `dataloader_num_workers`
     does not change the order, so it may differ on resume.
     """
@@ -769,7 +775,8 @@ class TrainDataStream:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} not in [0, {num_processes}).")
-        self.batch_size, self.process_index, self.num_processes, self.seed = batch_size, process_index, num_processes, seed
+        self.batch_size, self.seed = batch_size, seed
+        self.process_index, self.num_processes = process_index, num_processes
         self.random_flip = bool(getattr(args, "random_flip", False))
         self.num_workers = int(getattr(args, "dataloader_num_workers", 0) or 0)
 
@@ -822,6 +829,8 @@ class TrainDataStream:
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         """Batches from the current state on; one live iterator at a time (it advances the stream's state)."""
+        # Start from the last yielded batch: records an abandoned iterator read past it are read (and counted) again.
+        self.skips.num_read, self.skips.num_skipped = self._snapshot["num_read"], self._snapshot["num_skipped"]
         while True:
             yielded = False
             for batch in self._epoch_batches():
@@ -903,8 +912,8 @@ class TrainDataStream:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a `state_dict()`; the next `iter()` continues exactly after the saved batch.
 
-        If the batch size, world size, seed or data changed, an exact resume is impossible: the stream warns and restarts
-        at the beginning of the saved epoch (counters kept).
+        If the batch size, world size, seed or data changed, an exact resume is impossible: the stream warns and
+        restarts at the beginning of the saved epoch (counters kept).
         """
         self.epoch = int(state["epoch"])
         self.samples_seen = int(state["samples_seen"])
@@ -912,9 +921,10 @@ class TrainDataStream:
         keys = ("seed", "batch_size", "process_index", "num_processes", "is_latent", "streaming", "num_examples")
         changed = [k for k in keys if state.get(k) != getattr(self, k)]
         if changed:
+            changes = ", ".join(f"{k}: {state.get(k)} -> {getattr(self, k)}" for k in changed)
             logger.warning(
-                f"Data stream settings changed since the checkpoint ({', '.join(f'{k}: {state.get(k)} -> {getattr(self, k)}' for k in changed)}): "
-                f"no exact resume, restarting epoch {self.epoch} from its beginning."
+                f"Data stream settings changed since the checkpoint ({changes}): no exact resume, restarting epoch "
+                f"{self.epoch} from its beginning."
             )
             self._position = 0
         else:

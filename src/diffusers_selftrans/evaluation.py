@@ -99,7 +99,9 @@ def to_uint8_nchw(images: ImagesLike) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     elif isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"Torch images must be channel-first (N, C, H, W) with C in (1, 3); got {tuple(images.shape)}.")
+            raise ValueError(
+                f"Torch images must be channel-first (N, C, H, W) with C in (1, 3); got {tuple(images.shape)}."
+            )
         tensor = images.detach().cpu()
     else:
         raise TypeError(f"Unsupported image type {type(images).__name__}.")
@@ -132,7 +134,9 @@ def load_images(path: str) -> np.ndarray:
                 raise ValueError(f"{path} has no `{NPZ_IMAGES_KEY}` array (keys: {list(data.keys())}).")
             images = data[NPZ_IMAGES_KEY]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"`{NPZ_IMAGES_KEY}` of {path} must be uint8 (N, H, W, 3); got {images.dtype} {images.shape}.")
+            raise ValueError(
+                f"`{NPZ_IMAGES_KEY}` of {path} must be uint8 (N, H, W, 3); got {images.dtype} {images.shape}."
+            )
         return images
     raise ValueError(f"Expected a folder of images or an ADM .npz file, got {path}.")
 
@@ -224,7 +228,8 @@ def generate_samples(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     os.makedirs(output_dir, exist_ok=True)
-    todo = [entry for entry in partition_plan(plan, rank, world_size) if not os.path.exists(sample_path(output_dir, entry.index))]
+    mine = partition_plan(plan, rank, world_size)
+    todo = [entry for entry in mine if not os.path.exists(sample_path(output_dir, entry.index))]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     if hasattr(pipeline, "set_progress_bar_config"):
         pipeline.set_progress_bar_config(disable=True)  # one bar over batches, not one per pipeline call
@@ -259,7 +264,8 @@ def create_npz_from_sample_folder(folder: str, num_samples: int, labels: Optiona
     missing = [i for i in range(num_samples) if not os.path.exists(sample_path(folder, i))]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of {num_samples} samples are missing in {folder} (first: {sample_path(folder, missing[0])})."
+            f"{len(missing)} of {num_samples} samples are missing in {folder} "
+            f"(first: {sample_path(folder, missing[0])})."
         )
     if labels is not None and len(labels) != num_samples:
         raise ValueError(f"Got {len(labels)} labels for {num_samples} samples.")
@@ -370,7 +376,9 @@ def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if real_features.ndim != 2 or fake_features.ndim != 2 or real_features.shape[1] != fake_features.shape[1]:
-        raise ValueError(f"Need two (N, D) feature sets, got {tuple(real_features.shape)} and {tuple(fake_features.shape)}.")
+        raise ValueError(
+            f"Need two (N, D) feature sets, got {tuple(real_features.shape)} and {tuple(fake_features.shape)}."
+        )
     metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(real_features.shape[1]))
     metric.update(real_features.double(), real=True)
     metric.update(fake_features.double(), real=False)
@@ -403,7 +411,9 @@ def precision_recall(
     return {"precision": precision, "recall": recall}
 
 
-def inception_score(logits: torch.Tensor, *, splits: int = INCEPTION_SCORE_SPLITS, seed: int = 0) -> Tuple[float, float]:
+def inception_score(
+    logits: torch.Tensor, *, splits: int = INCEPTION_SCORE_SPLITS, seed: int = 0
+) -> Tuple[float, float]:
     """Inception Score (mean, std over splits) from unbiased Inception logits, via torchmetrics' `InceptionScore`."""
     import warnings
 
@@ -440,8 +450,8 @@ def resolve_inception_weights(inception_weights: Optional[str] = None) -> str:
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_FILENAME)
     if not os.path.isfile(cached):
         raise FileNotFoundError(
-            f"Inception weights not found at {cached} (the torch hub cache, $TORCH_HOME/hub/checkpoints). This code never "
-            f"downloads: fetch {INCEPTION_WEIGHTS_URL} and put it at that path or pass its location with "
+            f"Inception weights not found at {cached} (the torch hub cache, $TORCH_HOME/hub/checkpoints). "
+            f"This code never downloads: fetch {INCEPTION_WEIGHTS_URL} and put it at that path or pass its location with "
             "`inception_weights` / `--inception_weights`. Inception metrics also need "
             "`pip install torch-fidelity` (`pip install diffusers-selftrans[metrics]`)."
         )
@@ -464,7 +474,8 @@ class InceptionFeatureExtractor(nn.Module):
             raise ImportError(
                 "Inception metrics (FID, sFID, IS, precision/recall) need torch-fidelity, which is not installed: "
                 "`pip install diffusers-selftrans[metrics]` (or `pip install torch-fidelity`; it needs a torchvision "
-                "that matches your torch). Without it, pass `feature_extractor=<nn.Module>` (e.g. a feature classifier)."
+                "that matches your torch). Without it, pass `feature_extractor=<nn.Module>` "
+                "(e.g. a feature classifier)."
             )
         from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -578,7 +589,11 @@ class FeatureClassifier(nn.Module):
     ):
         super().__init__()
         self.config = dict(
-            in_channels=in_channels, num_classes=num_classes, num_features=num_features, width=width, input_size=input_size
+            in_channels=in_channels,
+            num_classes=num_classes,
+            num_features=num_features,
+            width=width,
+            input_size=input_size,
         )
         self.num_features = num_features
         self.body = nn.Sequential(
@@ -639,7 +654,9 @@ def load_feature_classifier(path: str, map_location: Union[str, torch.device] = 
     """Loads a classifier written by `save_feature_classifier` / `train_feature_classifier` (eval mode)."""
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if payload.get("version") != _CLASSIFIER_VERSION:
-        raise ValueError(f"{path} was written by classifier version {payload.get('version')}, need {_CLASSIFIER_VERSION}.")
+        raise ValueError(
+            f"{path} was written by classifier version {payload.get('version')}, need {_CLASSIFIER_VERSION}."
+        )
     classifier = FeatureClassifier(**payload["config"])
     classifier.load_state_dict(payload["state_dict"])
     classifier.train_accuracy = payload.get("train_accuracy")

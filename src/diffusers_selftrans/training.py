@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -115,7 +116,30 @@ def parse_args_with_config(parser: argparse.ArgumentParser, input_args: Optional
         if unknown:
             raise ValueError(f"Unknown keys in {pre.config}: {unknown}. Valid keys are the script's flags.")
         parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # the exact command, for args.json and the model card (not sys.argv: tests and the quickstart call main(argv))
+    args.launch_command = shlex.join(["accelerate", "launch", f"examples/{parser.prog}", *redact_secrets(argv)])
+    return args
+
+
+SECRET_FLAGS = ("--hub_token",)
+
+
+def redact_secrets(argv: Sequence[str]) -> List[str]:
+    """Hide token values (`--hub_token X` or `--hub_token=X`) in anything written to disk or the Hub."""
+    out, hide_next = [], False
+    for item in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+        elif item in SECRET_FLAGS:
+            out.append(item)
+            hide_next = True
+        elif item.split("=", 1)[0] in SECRET_FLAGS:
+            out.append(item.split("=", 1)[0] + "=***")
+        else:
+            out.append(item)
+    return out
 
 
 def load_config_file(path: str) -> dict:
@@ -132,8 +156,10 @@ def load_config_file(path: str) -> dict:
 
 
 def save_args(args, path: Path):
+    """The resolved arguments next to the outputs (secrets removed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(vars(args), indent=2, sort_keys=True, default=str))
+    values = {k: v for k, v in vars(args).items() if "--" + k not in SECRET_FLAGS}
+    path.write_text(json.dumps(values, indent=2, sort_keys=True, default=str))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -434,7 +460,8 @@ def render_model_card(output_dir: Path, *, template: str, args, command: str, me
         base_model=base_model,
         pipeline_tag="unconditional-image-generation",
     )
-    hparams = {k: v for k, v in sorted(vars(args).items()) if k not in ("hub_token",)}
+    hparams = {k: v for k, v in sorted(vars(args).items())
+               if "--" + k not in SECRET_FLAGS and k != "launch_command"}
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path),
@@ -472,5 +499,3 @@ def steps_from_epochs(epochs: float, dataset_size: Optional[int], global_batch: 
     return max(1, math.floor(epochs * (dataset_size // global_batch)))
 
 
-def command_line() -> str:
-    return " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else ""

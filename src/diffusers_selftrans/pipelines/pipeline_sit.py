@@ -12,11 +12,13 @@ Classifier-free guidance follows REPA: one batched pass with labels `[y, null]` 
 channels guided, and only while `guidance_interval[0] <= t <= guidance_interval[1]`; outside the interval a single
 conditional pass is made. `legacy_cfg_channels=3` restores DiT/SiT's first-3-channels guidance for old FIDs.
 
-The module imports only torch, numpy, diffusers and huggingface_hub from outside this package (its one package-relative
-import is inlined by `save_remote_code`), so `save_pretrained(..., save_remote_code=True)` can ship it as Hub remote code.
+The module imports only torch, numpy, diffusers and huggingface_hub from outside this package (its one
+package-relative import is inlined by `save_remote_code`), so `save_pretrained(..., save_remote_code=True)` can ship
+it as Hub remote code.
 """
 
 import ast
+import contextlib
 import difflib
 import importlib
 import importlib.util
@@ -95,7 +97,7 @@ class SiTPipeline(DiffusionPipeline):
         scheduler (`SchedulerMixin`): `FlowMatchEulerDiscreteScheduler`, `FlowMatchHeunDiscreteScheduler` or
             `SiTEulerMaruyamaScheduler`.
         id2label (`Dict[int, str]`, *optional*): class names (ImageNet style, comma-separated synonyms); saved in
-            `model_index.json` so `from_pretrained` restores it.
+            `model_index.json` so `from_pretrained` restores it. Defaults to `transformer.config.id2label` if any.
     """
 
     model_cpu_offload_seq = "transformer->vae"
@@ -110,6 +112,9 @@ class SiTPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        if id2label is None and transformer is not None:
+            # the transformer may carry its training data's class names in its config
+            id2label = getattr(transformer.config, "id2label", None)
         id2label = _normalise_id2label(id2label)
         self.register_to_config(id2label=id2label)
         self._name_to_ids = _build_label_index(id2label or {})
@@ -213,7 +218,9 @@ class SiTPipeline(DiffusionPipeline):
         if legacy_cfg_channels is not None and not (
             isinstance(legacy_cfg_channels, int) and 1 <= legacy_cfg_channels <= channels
         ):
-            raise ValueError(f"legacy_cfg_channels must be None or an int in [1, {channels}], got {legacy_cfg_channels!r}.")
+            raise ValueError(
+                f"legacy_cfg_channels must be None or an int in [1, {channels}], got {legacy_cfg_channels!r}."
+            )
         if guidance_scale > 1.0 and getattr(self.transformer.config, "class_dropout_prob", 1.0) <= 0:
             raise ValueError(
                 "guidance_scale > 1 needs the null class, but this transformer was built with class_dropout_prob=0 "
@@ -318,10 +325,11 @@ class SiTPipeline(DiffusionPipeline):
             step_kwargs["generator"] = generator
         num_train = self.scheduler.config.num_train_timesteps
         low, high = guidance_interval
+        step_times = scheduler_to_model_time(timesteps.cpu(), num_train).tolist()  # host copy: no sync per step
 
-        # 4. Denoising loop
+        # 4. Denoising loop (in eval mode: train-mode label dropout would silently replace labels by the null class)
         interval_t = None
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with _eval_mode(self.transformer), self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
@@ -329,7 +337,7 @@ class SiTPipeline(DiffusionPipeline):
                 # REPA tests the guidance interval at the start of the interval, also for Heun's corrector
                 # evaluation (made at the interval's end): a second-order scheduler in its second stage reuses it.
                 if getattr(self.scheduler, "state_in_first_order", True) or interval_t is None:
-                    interval_t = float(t_model)
+                    interval_t = step_times[i]
                 guided = do_cfg and low - GUIDANCE_INTERVAL_ATOL <= interval_t <= high + GUIDANCE_INTERVAL_ATOL
                 model_input = torch.cat([latents, latents]) if guided else latents
                 model_labels = torch.cat([class_ids, null_ids]) if guided else class_ids
@@ -429,7 +437,8 @@ class SiTPipeline(DiffusionPipeline):
                 save_directory, safe_serialization=safe_serialization, variant=variant,
                 max_shard_size=max_shard_size, push_to_hub=push_to_hub, **kwargs,
             )
-        hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "create_pr", "token", "repo_id") if k in kwargs}
+        hub_keys = ("commit_message", "private", "create_pr", "token", "repo_id")
+        hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
         super().save_pretrained(
             save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size,
             push_to_hub=False, **kwargs,
@@ -445,8 +454,8 @@ class SiTPipeline(DiffusionPipeline):
             )
 
     def save_remote_code(self, save_directory: Union[str, os.PathLike]):
-        """Make a saved pipeline folder loadable with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`
-        where `diffusers_selftrans` is not installed.
+        """Make a saved pipeline folder loadable where `diffusers_selftrans` is not installed, with
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
 
         Writes standalone copies (package-relative imports inlined) of the pipeline module as `<stem>.py` and of every
         component module outside diffusers as `<component>/<stem>.py`, and points `model_index.json` at them:
@@ -501,6 +510,17 @@ def _build_label_index(id2label: Dict[int, str]) -> Dict[str, List[int]]:
         for name in names - {""}:
             index.setdefault(name, []).append(class_id)
     return index
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """Run `module` in eval mode and restore its previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def _installed_class(library: str, class_name: str):
