@@ -190,7 +190,9 @@ def train(args, build_method, *, card_template: str, base_model=None):
     batches = iter(stream)
 
     # 5. Loop
+    train_seconds = 0.0  # time in training steps only (no checkpoints, no sample grids): the wall-clock of curves
     while global_step < args.max_train_steps:
+        step_start = time.perf_counter()
         with accelerator.accumulate(model, *heads):
             batch = next(batches)
             x0 = encoder(batch, accelerator.device)
@@ -215,13 +217,15 @@ def train(args, build_method, *, card_template: str, base_model=None):
             optimizer.zero_grad(set_to_none=True)
 
         if not accelerator.sync_gradients or not stepped:
+            train_seconds += time.perf_counter() - step_start
             continue
         ema.step(T.unwrap(accelerator, model).parameters())
         if ema_teacher is not None:
             ema.copy_to(ema_teacher.parameters())
+        train_seconds += time.perf_counter() - step_start  # every micro-step counts, EMA included
         global_step += 1
         images_seen += global_batch
-        logged = {}
+        logged = {"train_seconds": round(train_seconds, 4)}
         for name, value in [("loss", loss), ("loss_diff", loss_diff)] + [(f"loss_{k}", v) for k, v in terms.items()]:
             logged[name] = accelerator.reduce(value.detach().float(), "mean").item()
         progress.update(1)

@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
+"""Convergence benchmark: does Self-Transcendence reach a given quality in fewer steps / seconds than the baselines?
+
+Trains, on the same data, model size, seeds and step budget, with the project's own training scripts:
+  vanilla (`--alignment none`), VAE-align only (= the stage-1 guiding model), Self-Transcendence (stage 2 on that
+  guiding model; its whole stage-1 cost is added to its wall-clock), SRA, LayerSync, dispersive loss, and REPA when
+  `--repa_encoder` names a local `transformers` encoder.
+Every `--eval_every` steps the EMA weights of the checkpoint are sampled (class-balanced, seeded, Euler, no CFG) and
+scored with a feature-FID whose features come from a small classifier trained on the real images (seeded, cached),
+and with that classifier's accuracy on the intended classes. Several seeds give a mean and a spread.
+
+Writes to `--output_dir`: `curves.json` (every point of every run), `results.md` (the table at the last step) and
+`convergence.png` (FID against steps and against training seconds).
+
+    python benchmarks/convergence.py --output_dir bench_out                       # digits, 3 seeds
+    python benchmarks/convergence.py --train_data_dir ./my_folders --vae_name_or_path my-vae --resolution 64 ...
+    python benchmarks/convergence.py --smoke --output_dir /tmp/smoke              # seconds; the test suite runs this
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import preprocess_latents  # noqa: E402
+import quickstart_assets  # noqa: E402
+import train_align  # noqa: E402
+import train_self_transcendence  # noqa: E402
+
+METHODS = ("vanilla", "vae_align", "self_transcendence", "sra", "layersync", "dispersive", "repa")
+# The vanilla run is `--alignment none`; the VAE-align run is the stage-1 guiding model itself.
+ALIGNMENT_FLAG = {"vanilla": "none", "vae_align": "vae_align", "sra": "sra", "layersync": "layersync",
+                  "dispersive": "dispersive", "repa": "repa"}
+# A short run needs a short EMA: with the ImageNet decay 0.9999, 600 steps leave ~94 % of the initial weights.
+SHORT_RUN_EMA_DECAY = 0.99
+
+
+def parse_args(input_args=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output_dir", type=str, required=True)
+    p.add_argument("--train_data_dir", type=str, default=None,
+                   help="Image class folders (default: scikit-learn's digits, written to OUTPUT_DIR/data).")
+    p.add_argument("--vae_name_or_path", type=str, default=str(quickstart_assets.DEFAULT_VAE_PATH))
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--model", type=str, default=str(ROOT / "examples" / "configs" / "sit-tiny.json"))
+    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "repa"], choices=METHODS)
+    p.add_argument("--repa_encoder", type=str, default=None, help="A local transformers encoder; adds REPA.")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=600, help="Steps of every run (and of the stage-1 guiding model).")
+    p.add_argument("--guide_stop_step", type=int, default=None, help="Default: a quarter of --steps (paper 20/80).")
+    p.add_argument("--eval_every", type=int, default=150)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--ema_decay", type=float, default=SHORT_RUN_EMA_DECAY)
+    p.add_argument("--samples_per_class", type=int, default=30)
+    p.add_argument("--sampling_steps", type=int, default=25)
+    p.add_argument("--max_real", type=int, default=None)
+    p.add_argument("--smoke", action="store_true", help="A tiny model, a few steps, one seed: checks the plumbing.")
+    args = p.parse_args(input_args)
+    if args.repa_encoder and "repa" not in args.methods:
+        args.methods.append("repa")
+    if "repa" in args.methods and not args.repa_encoder:
+        p.error("repa needs --repa_encoder (a local folder: no downloads here).")
+    if args.smoke:
+        args.seeds, args.steps, args.eval_every, args.batch_size = args.seeds[:1], 4, 2, 8
+        args.samples_per_class, args.sampling_steps, args.max_real = 2, 2, args.max_real or 200
+        smoke_model = Path(args.output_dir) / "smoke_model.json"
+        smoke_model.parent.mkdir(parents=True, exist_ok=True)
+        smoke_model.write_text(json.dumps({"patch_size": 2, "num_layers": 4, "num_attention_heads": 2,
+                                           "attention_head_dim": 16}))
+        args.model = str(smoke_model)
+    return args
+
+
+def load_folder_images(root: str, resolution: int, limit=None):
+    """Real images of an image-class folder as uint8 (N, R, R, 3) with labels, through the training preprocessing."""
+    from diffusers_selftrans.data import preprocess_image
+
+    classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir())
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((Path(root) / name).iterdir()):
+            x = preprocess_image(str(path), resolution)  # (3, R, R) in [-1, 1], ADM crop
+            images.append(((x.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8))
+            labels.append(label)
+    order = np.random.RandomState(0).permutation(len(images))[:limit]
+    return np.stack(images)[order], np.array(labels)[order], len(classes)
+
+
+def train_run(module, argv):
+    module.main(module.parse_args(argv + ["--no-progress"]))
+
+
+def read_log(folder: Path):
+    rows = {}
+    for line in (folder / "loss_log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
+
+
+def evaluate_checkpoints(folder: Path, args, vae, real, real_labels, classifier, num_classes, extra_seconds=0.0):
+    """Score the EMA weights of every checkpoint of a run: [{step, train_seconds, fid, accuracy}]."""
+    from diffusers_selftrans import evaluation as E
+    from diffusers_selftrans import training as T
+
+    log = read_log(folder)
+    points = []
+    for ckpt in T.list_checkpoints(folder):
+        step = T.checkpoint_step(ckpt)
+        model = T.load_transformer(str(ckpt / "transformer_ema"))
+        pipe = T.build_pipeline(model, vae)
+        pipe.set_progress_bar_config(disable=True)
+        out = folder / "eval_samples" / f"step-{step}"
+        plan = E.class_balanced_plan(args.samples_per_class * num_classes, num_classes, seed=1234)
+        E.generate_samples(pipe, plan, str(out), batch_size=256, num_inference_steps=args.sampling_steps,
+                           progress=False)
+        images = E.load_images(str(out))
+        labels = np.array([p.class_label for p in sorted(plan, key=lambda p: p.index)])
+        metrics = E.evaluate_samples(real, real_labels, images, labels, classifier)
+        points.append({"step": step, "train_seconds": log[step]["train_seconds"] + extra_seconds,
+                       "fid": metrics["fid"], "accuracy": metrics["accuracy"]})
+    return points
+
+
+def summarize(curves, methods):
+    """Mean and std over seeds at every evaluated step."""
+    summary = {}
+    for method in methods:
+        runs = [curves[method][s] for s in sorted(curves[method])]
+        steps = [p["step"] for p in runs[0]]
+        rows = []
+        for i, step in enumerate(steps):
+            fid = np.array([r[i]["fid"] for r in runs])
+            acc = np.array([r[i]["accuracy"] for r in runs])
+            sec = np.array([r[i]["train_seconds"] for r in runs])
+            rows.append({"step": step, "fid_mean": float(fid.mean()), "fid_std": float(fid.std()),
+                         "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std()),
+                         "train_seconds_mean": float(sec.mean()), "seeds": len(runs)})
+        summary[method] = rows
+    return summary
+
+
+def write_report(summary, args, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, rows in summary.items():
+        x_steps = [r["step"] for r in rows]
+        x_secs = [r["train_seconds_mean"] for r in rows]
+        mean = np.array([r["fid_mean"] for r in rows])
+        std = np.array([r["fid_std"] for r in rows])
+        style = {"linewidth": 2.5} if method == "self_transcendence" else {"linewidth": 1.2}
+        for ax, x in ((axes[0], x_steps), (axes[1], x_secs)):
+            ax.plot(x, mean, marker="o", label=method, **style)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+    axes[0].set_xlabel("training steps (Self-Transcendence: stage-2 steps)")
+    axes[1].set_xlabel("training seconds (Self-Transcendence: + its whole stage 1)")
+    for ax in axes:
+        ax.set_ylabel("feature-FID (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{len(args.seeds)} seed(s), mean ± std, {args.samples_per_class} samples/class, "
+                 f"Euler {args.sampling_steps} steps, no CFG")
+    fig.tight_layout()
+    fig.savefig(out / "convergence.png", dpi=110)
+    plt.close(fig)
+
+    lines = [f"Step budget {args.steps}, batch {args.batch_size}, seeds {args.seeds}, EMA decay {args.ema_decay}; "
+             f"feature-FID of {args.samples_per_class} samples/class (Euler {args.sampling_steps}, no CFG).", "",
+             "| method | feature-FID at last step | class accuracy | FID at first eval | train seconds |",
+             "|---|---|---|---|---|"]
+    ranked = sorted(summary.items(), key=lambda kv: kv[1][-1]["fid_mean"])
+    for method, rows in ranked:
+        last, first = rows[-1], rows[0]
+        lines.append(f"| {method} | {last['fid_mean']:.2f} ± {last['fid_std']:.2f} | "
+                     f"{last['accuracy_mean']:.3f} ± {last['accuracy_std']:.3f} | {first['fid_mean']:.2f} | "
+                     f"{last['train_seconds_mean']:.0f} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def main(args=None):
+    args = args if isinstance(args, argparse.Namespace) else parse_args(args)
+    from diffusers import AutoencoderKL
+
+    from diffusers_selftrans import evaluation as E
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    # Data: image folders (default digits), encoded once to latents for every run but REPA (which needs pixels)
+    data_dir = args.train_data_dir or str(quickstart_assets.write_digits_imagefolder(out / "data" / "digits",
+                                                                                       args.resolution))
+    latents = out / "data" / "latents"
+    if not (latents / "stats.json").exists():
+        preprocess_latents.main(preprocess_latents.parse_args([
+            "--train_data_dir", data_dir, "--resolution", str(args.resolution), "--vae_name_or_path",
+            args.vae_name_or_path, "--output_dir", str(latents), "--batch_size", "256"]))
+    real, real_labels, num_classes = load_folder_images(data_dir, args.resolution, args.max_real)
+    classifier = E.train_feature_classifier(real, real_labels, num_classes=num_classes, seed=0,
+                                            cache_dir=str(out / "eval_cache"), input_size=args.resolution)
+    vae = AutoencoderKL.from_pretrained(args.vae_name_or_path).eval()
+    stop = args.guide_stop_step or max(1, args.steps // 4)
+
+    curves = {m: {} for m in args.methods}
+    for seed in args.seeds:
+        common = ["--model", args.model, "--vae_name_or_path", args.vae_name_or_path, "--resolution",
+                  str(args.resolution), "--train_batch_size", str(args.batch_size), "--seed", str(seed),
+                  "--max_train_steps", str(args.steps), "--checkpointing_steps", str(args.eval_every),
+                  "--validation_steps", str(10 ** 9), "--report_to", "none", "--ema_decay", str(args.ema_decay),
+                  "--logging_steps", str(args.eval_every)]
+        latent_data = ["--latents_dir", str(latents)]
+        runs = out / "runs" / f"seed{seed}"
+        stage1 = runs / "vae_align"
+        needs_stage1 = {"vae_align", "self_transcendence"} & set(args.methods)
+        if needs_stage1 and not (stage1 / "model_index.json").exists():
+            print(f"[seed {seed}] vae_align (stage 1)", flush=True)
+            train_run(train_align, common + latent_data + ["--alignment", "vae_align", "--output_dir", str(stage1)])
+        stage1_seconds = read_log(stage1)[args.steps]["train_seconds"] if needs_stage1 else 0.0
+        for method in args.methods:
+            folder = runs / method
+            if not (folder / "model_index.json").exists():
+                print(f"[seed {seed}] {method}", flush=True)
+                if method == "self_transcendence":
+                    train_run(train_self_transcendence, common + latent_data + [
+                        "--guiding_model_name_or_path", str(stage1), "--guide_stop_step", str(stop),
+                        "--output_dir", str(folder)])
+                elif method == "repa":
+                    train_run(train_align, common + ["--train_data_dir", data_dir, "--alignment", "repa",
+                                                     "--repa_encoder", args.repa_encoder, "--output_dir", str(folder)])
+                else:
+                    train_run(train_align, common + latent_data + ["--alignment", ALIGNMENT_FLAG[method],
+                                                                   "--output_dir", str(folder)])
+            extra = stage1_seconds if method == "self_transcendence" else 0.0
+            curves[method][seed] = evaluate_checkpoints(folder, args, vae, real, real_labels, classifier,
+                                                        num_classes, extra_seconds=extra)
+
+    summary = summarize(curves, args.methods)
+    result = {"settings": {k: v for k, v in vars(args).items()}, "curves": curves, "summary": summary,
+              "benchmark_seconds": round(time.perf_counter() - start, 1), "machine": os.uname().machine}
+    (out / "curves.json").write_text(json.dumps(result, indent=2, default=str))
+    table = write_report(summary, args, out)
+    print(table)
+    print(f"\nWrote {out / 'curves.json'}, {out / 'results.md'}, {out / 'convergence.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
