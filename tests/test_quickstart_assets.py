@@ -12,8 +12,8 @@ from PIL import Image
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# Measured held-out PSNR of the committed VAE: 27.5 dB (see the module docstring); 2 dB of margin.
-MIN_HELD_OUT_PSNR = 25.5
+# Measured held-out PSNR of the committed VAE: 43.9 dB (see the module docstring); 3 dB of margin.
+MIN_HELD_OUT_PSNR = 40.9
 
 
 def _load_module():
@@ -42,8 +42,10 @@ def test_digits_imagefolder_layout(digits16):
     with Image.open(files[0]) as image:
         assert image.size == (16, 16) and image.mode == "L"
         pixels = np.asarray(image)
-    # White digit on black: dark border, bright strokes.
-    assert pixels[0].max() < 64 and pixels.max() > 200
+    # White digit on black: dark border on average (some strokes touch the edge), bright strokes.
+    stack = np.stack([np.asarray(Image.open(f)) for f in files[::20]]).astype(float)
+    border = np.concatenate([stack[:, 0], stack[:, -1], stack[:, :, 0], stack[:, :, -1]], axis=1)
+    assert stack[:, 4:12, 4:12].mean() > 2 * border.mean() and pixels.max() > 200
     # File names are positions in load_digits(): the label folder matches sklearn's target.
     from sklearn.datasets import load_digits
 
