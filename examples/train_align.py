@@ -59,6 +59,8 @@ def add_alignment_args(parser: argparse.ArgumentParser):
     g.add_argument("--no_t_range", action="store_true", help="Apply the alignment loss at every t.")
     g.add_argument("--t_range_mode", type=str, default="code_compat", choices=["code_compat", "per_sample"],
                    help="code_compat: the released code's batch-mean mask (paper numbers); per_sample: the intent.")
+    g.add_argument("--projector_dim", type=int, default=None,
+                   help="Hidden width of the alignment MLPs (REPA/ST: 2048). Tiny models may want less.")
     g.add_argument("--repa_encoder", type=str, default="facebook/dinov2-base",
                    help="transformers.AutoModel id or folder of the REPA encoder.")
     g.add_argument("--sra_t_max", type=float, default=0.2, help="SRA teacher time offset (SRA default 0.2).")
@@ -86,6 +88,7 @@ def alignment_options(args, method: str) -> dict:
         "t_range_mode": args.t_range_mode,
         "encoder": args.repa_encoder,
         "t_max": args.sra_t_max,
+        "projector_dim": args.projector_dim,
     }
     accepted = accepted_options(method)
     options = {k: v for k, v in options.items() if v is not None and k in accepted}

@@ -84,6 +84,7 @@ def build_stage2_method(args, model, accelerator):
         "weight": args.guide_loss_weight,
         "guide_stop_step": stop,
         "t_range_mode": args.t_range_mode,
+        "projector_dim": args.projector_dim,
         "teacher_autocast": {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.guiding_autocast],
     }
     options = {k: v for k, v in options.items() if v is not None}
