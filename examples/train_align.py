@@ -168,7 +168,7 @@ def train(args, build_method, *, card_template: str, base_model=None):
     transport = Transport(time_sampling=args.time_sampling)
 
     # 4. Resume
-    global_step = 0
+    global_step, train_seconds = 0, 0.0  # train_seconds: time in training steps only (no checkpoints, no grids)
     resume = T.resolve_resume_checkpoint(args)
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
@@ -189,11 +189,13 @@ def train(args, build_method, *, card_template: str, base_model=None):
                     disable=not (args.progress and accelerator.is_local_main_process))
     logged = {}
     images_seen, tick = 0, time.perf_counter()
-    loss_log = open(output_dir / "loss_log.jsonl", "a") if accelerator.is_main_process else None
+    loss_log = None
+    if accelerator.is_main_process:  # a fresh run starts an empty log; a resumed one continues at its checkpoint
+        train_seconds = T.rewind_loss_log(output_dir / "loss_log.jsonl", global_step)
+        loss_log = open(output_dir / "loss_log.jsonl", "a")
     batches = iter(stream)
 
     # 5. Loop
-    train_seconds = 0.0  # time in training steps only (no checkpoints, no sample grids): the wall-clock of curves
     while global_step < args.max_train_steps:
         step_start = time.perf_counter()
         with accelerator.accumulate(model, *heads):

@@ -143,11 +143,16 @@ def test_exact_resume(assets):
     straight = assets / "resume_straight"
     train_align.main(flags(assets, straight, validation_steps=100))
     split = assets / "resume_split"
-    train_align.main(flags(assets, split, validation_steps=100, max_train_steps=2))
+    # "preempted" after step 3: its last checkpoint is step 2, so step 3 is logged, lost, and trained again
+    train_align.main(flags(assets, split, validation_steps=100, max_train_steps=3))
     train_align.main(flags(assets, split, validation_steps=100, resume_from_checkpoint="latest"))
 
     a, b = read_losses(straight), read_losses(split)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    rows = [json.loads(line) for line in (split / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the lost step 3 is not logged twice
+    seconds = [r["train_seconds"] for r in rows]
+    assert all(later > earlier for earlier, later in zip(seconds, seconds[1:]))  # the clock continues on resume
     for step in a:
         for key in ("loss", "loss_diff", "loss_vae_align"):
             assert a[step][key] == b[step][key], (step, key)
@@ -283,3 +288,13 @@ def test_generic_flags_map_to_each_methods_options():
     assert sra["student_layer"] == 3 and sra["teacher_layer"] == 4 and sra["t_max"] == 0.2 and "t_range" not in sra
     args = train_align.parse_args([])
     assert train_align.alignment_options(args, "vae_align")["t_range"] == (0.4, 0.7)
+
+
+def test_rewind_loss_log_drops_steps_after_the_checkpoint_and_returns_the_clock(tmp_path):
+    log = tmp_path / "loss_log.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s, "train_seconds": 0.5 * s} for s in range(1, 6)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')  # killed mid-write
+    assert T.rewind_loss_log(log, 3) == 1.5
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    assert T.rewind_loss_log(log, 0) == 0.0 and log.read_text() == ""  # a fresh run starts an empty log
+    assert T.rewind_loss_log(tmp_path / "missing.jsonl", 7) == 0.0

@@ -331,6 +331,28 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[in
     return final
 
 
+def rewind_loss_log(path: Path, step: int) -> float:
+    """Resume the per-step loss log at `step`: drop rows written after that checkpoint (a run killed between two
+    checkpoints logged steps that will be trained again) and return the training seconds logged at `step`, so the
+    wall-clock of a resumed run continues instead of starting again at zero."""
+    path = Path(path)
+    if not path.is_file():
+        return 0.0
+    kept, seconds = [], 0.0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if row.get("step", step + 1) <= step:
+            kept.append(line)
+            seconds = float(row.get("train_seconds", seconds))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return seconds
+
+
 class NonFiniteGuard:
     """Skip steps whose loss is NaN/inf on any process; stop after `max_consecutive` of them in a row."""
 
