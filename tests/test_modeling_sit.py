@@ -416,3 +416,24 @@ def test_no_null_class_without_dropout(tiny_sit_config):
     x, t, _ = make_inputs(tiny_sit_config)
     with pytest.raises(ValueError, match=r"\[0, 9\] \(no null class"):
         model(x, t, torch.tensor([0, 10, 1]))
+
+
+def test_ema_folder_loads_as_a_sit_without_warnings_and_keeps_the_ema_state(tiny_sit, tmp_path, monkeypatch):
+    """`checkpoint-N/transformer_ema/` (what `EMAModel.save_pretrained` writes) is a SiT folder with EMA keys added."""
+    from diffusers import configuration_utils
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(tiny_sit.parameters(), decay=0.99, min_decay=0.99, model_cls=SiTTransformer2DModel,
+                   model_config=tiny_sit.config)
+    for _ in range(3):
+        ema.step(tiny_sit.parameters())
+    ema.save_pretrained(tmp_path / "transformer_ema")
+    warnings = []
+    monkeypatch.setattr(configuration_utils.logger, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
+    loaded = SiTTransformer2DModel.from_pretrained(tmp_path / "transformer_ema")
+    assert not [w for w in warnings if "not expected" in w], warnings
+    assert "optimization_step" not in loaded.config and "decay" not in loaded.config
+    restored = EMAModel.from_pretrained(tmp_path / "transformer_ema", SiTTransformer2DModel)
+    assert restored.optimization_step == 3 and restored.decay == 0.99
+    for a, b in zip(restored.shadow_params, ema.shadow_params):
+        assert torch.equal(a, b)

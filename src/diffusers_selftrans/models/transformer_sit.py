@@ -323,6 +323,19 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
         self.initialize_weights()
 
+    # `EMAModel.save_pretrained` stores its own state in the model's config.json (`checkpoint-N/transformer_ema/`).
+    # Those keys are not SiT options: pass them through as unused kwargs (where `EMAModel.from_pretrained` reads
+    # them back) without diffusers' "config attributes ... will be ignored" warning on every EMA load.
+    _ema_config_keys = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup",
+                        "inv_gamma", "power")
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        ema_state = {k: config_dict[k] for k in cls._ema_config_keys if k in config_dict}
+        config_dict = {k: v for k, v in config_dict.items() if k not in ema_state}
+        init_dict, unused_kwargs, hidden_config_dict = super().extract_init_dict(config_dict, **kwargs)
+        return init_dict, {**ema_state, **unused_kwargs}, hidden_config_dict
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "SiTTransformer2DModel":
         """Build a named SiT (`"SiT-S/2"` ... `"SiT-XL/8"`); any config field can be overridden."""
