@@ -24,6 +24,7 @@ Metrics (main process, after sampling):
 import argparse
 import json
 import logging
+import math
 import os
 
 import numpy as np
@@ -109,8 +110,8 @@ def parse_args(input_args=None):
     low, high = args.guidance_interval
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"--guidance_interval needs 0 <= LOW <= HIGH <= 1, got {low} {high}.")
-    if args.guidance_scale < 0:
-        raise ValueError(f"--guidance_scale must be non-negative, got {args.guidance_scale}.")
+    if not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance_scale must be a finite number, got {args.guidance_scale}.")
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}.")
     return args

@@ -230,6 +230,25 @@ def test_cfg_all_channels_and_legacy_three_channels():
     torch.testing.assert_close(legacy[:, 3:], torch.full((1, 1, 2, 2), -4.0))  # conditional prediction
 
 
+
+@pytest.mark.parametrize("scale", [0.5, 0.0, -1.0, 1.5])
+def test_every_finite_guidance_scale_follows_the_cfg_formula(scale):
+    # uncond + w (cond - uncond) for any finite w: 0 < w < 1 interpolates, 0 is unconditional, w < 0 extrapolates away.
+    transformer = RecordingTransformer(sample_size=2)
+    pipe = make_pipe(transformer, "euler")
+    latents = torch.zeros(1, 4, 2, 2)
+    out = pipe(class_labels=[3], guidance_scale=scale, num_inference_steps=1, latents=latents,
+               output_type="latent").images
+    torch.testing.assert_close(out, torch.full_like(latents, -scale * 4))  # cond velocity 4, uncond 0
+    assert transformer.calls[0][1].tolist() == [3, 10]  # one batched [y, null] pass
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_guidance_scale_is_refused(tiny_sit, scale):
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        make_pipe(tiny_sit)(class_labels=[1], guidance_scale=scale, num_inference_steps=1)
+
+
 # ----------------------------------------------------------------------------- determinism, batches, outputs
 
 

@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -221,10 +222,16 @@ class SiTPipeline(DiffusionPipeline):
             raise ValueError(
                 f"legacy_cfg_channels must be None or an int in [1, {channels}], got {legacy_cfg_channels!r}."
             )
-        if guidance_scale > 1.0 and getattr(self.transformer.config, "class_dropout_prob", 1.0) <= 0:
+        if (
+            not isinstance(guidance_scale, (int, float))
+            or isinstance(guidance_scale, bool)
+            or not math.isfinite(guidance_scale)
+        ):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}.")
+        if guidance_scale != 1.0 and getattr(self.transformer.config, "class_dropout_prob", 1.0) <= 0:
             raise ValueError(
-                "guidance_scale > 1 needs the null class, but this transformer was built with class_dropout_prob=0 "
-                "and has no null-class embedding."
+                f"guidance_scale {guidance_scale} (!= 1) needs the null class, but this transformer was built with "
+                f"class_dropout_prob=0 and has no null-class embedding."
             )
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
@@ -268,7 +275,8 @@ class SiTPipeline(DiffusionPipeline):
         Args:
             class_labels (`int`, `str`, list of them, or a 1-D integer tensor): classes to draw, one image each; names
                 are resolved through `id2label` (see `get_label_ids`). Required unless `num_classes == 1`.
-            guidance_scale (`float`, defaults to 1.0): classifier-free guidance scale; > 1 enables guidance.
+            guidance_scale (`float`, defaults to 1.0): classifier-free guidance scale w in uncond + w (cond - uncond);
+                any finite value (1 = conditional only, no extra pass; 0 = unconditional). NaN/inf are refused.
             guidance_interval (`Tuple[float, float]`, defaults to `(0.0, 1.0)`): guide only while low <= t <= high
                 (t units, data at 0, noise at 1); REPA's `guidance_low`/`guidance_high`, e.g. `(0.0, 0.7)`.
             num_inference_steps (`int`, defaults to 50): N. Model evaluations: N (Euler, SDE) or 2N - 1 (Heun),
@@ -303,7 +311,9 @@ class SiTPipeline(DiffusionPipeline):
             raise ValueError(f"Got {len(generator)} generators for {batch_size} class labels.")
         device = self._execution_device
         cfg = self.transformer.config
-        do_cfg = guidance_scale > 1.0
+        # Every finite w follows uncond + w (cond - uncond); only w == 1 (the conditional prediction) skips the
+        # null-class pass. 0 < w < 1 interpolates towards the unconditional model, w = 0 is unconditional.
+        do_cfg = guidance_scale != 1.0
         class_ids = torch.tensor(labels, device=device, dtype=torch.long)
         null_ids = torch.full_like(class_ids, cfg.num_classes)  # the null class row of the label table
 
