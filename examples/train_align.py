@@ -203,14 +203,17 @@ def train(args, build_method, *, card_template: str, base_model=None):
             x0 = encoder(batch, accelerator.device)
             labels = batch["class_labels"].to(accelerator.device)
             t, noise, x_t, target = transport.sample(x0)
-            # One label-dropout draw, shared by every model that needs the student's labels (SRA).
-            drop = torch.rand(labels.shape[0], device=labels.device) < args.class_dropout_prob
+            # One label-dropout draw, shared by every model that needs the student's labels (SRA); none at all when
+            # --class_dropout_prob is 0 (the model then has no null class to drop to).
+            drop = None
+            if args.class_dropout_prob > 0:
+                drop = torch.rand(labels.shape[0], device=labels.device) < args.class_dropout_prob
             active = method.is_active(global_step)  # False for good after ST's guide stop: no teacher, no head
             layers = method.student_layers if active else ()
-            out = model(x_t, t, labels, output_hidden_states=list(layers) or None, force_drop_ids=drop.long())
+            out = model(x_t, t, labels, output_hidden_states=list(layers) or None, force_drop_ids=drop)
             loss_diff = ((out.sample.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).mean()
             terms = method(out.hidden_states, x0=x0, noise=noise, x_t=x_t, t=t, target=target,
-                           class_labels=labels, force_drop_ids=drop.bool(), step=global_step,
+                           class_labels=labels, force_drop_ids=drop, step=global_step,
                            pixel_values=batch.get("pixel_values"), teacher=ema_teacher) if active else {}
             loss = loss_diff + sum(method.weights[name] * value for name, value in terms.items())
             stepped = guard.check(loss)  # collective: every process skips a step that is non-finite anywhere

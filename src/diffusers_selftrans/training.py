@@ -431,8 +431,13 @@ def save_ema_samples(args, accelerator, model, ema, vae, step: int, num_classes:
     model.eval()
     try:
         labels = args.validation_class_labels or default_validation_labels(num_classes)
+        guidance = args.validation_guidance_scale
+        if model.config.class_dropout_prob <= 0 and guidance != 1.0:
+            logger.warning("The model has no null class (class_dropout_prob 0): sample grids are drawn without CFG "
+                           "(guidance 1 instead of --validation_guidance_scale %s).", guidance)
+            guidance = 1.0
         grid = sample_grid(model, vae, labels, num_inference_steps=args.validation_num_inference_steps,
-                           guidance_scale=args.validation_guidance_scale, seed=args.seed, id2label=id2label)
+                           guidance_scale=guidance, seed=args.seed, id2label=id2label)
     finally:
         ema.restore(model.parameters())
         model.train(was_training)
