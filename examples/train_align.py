@@ -136,6 +136,8 @@ def train(args, build_method, *, card_template: str, base_model=None):
         dataset_size = T.IMAGENET_TRAIN_SIZE
     if args.max_train_steps is None:
         args.max_train_steps = T.steps_from_epochs(args.num_train_epochs, dataset_size, global_batch, "--max_train_steps")
+    # recorded in args.json; stage 2 turns its guide-stop epochs into steps with it (None: dataset size unknown)
+    args.steps_per_epoch = None if dataset_size is None else dataset_size // global_batch
 
     # 3. Models: the same initial weights on every process, then per-process noise
     encoder = T.LatentEncoder(vae)
@@ -148,6 +150,8 @@ def train(args, build_method, *, card_template: str, base_model=None):
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     method = build_method(args, model, accelerator)
+    if accelerator.is_main_process:  # again, with what the data and the method resolved (steps, guide stop)
+        T.save_args(args, output_dir / "args.json")
     heads = method.trainable_modules()  # projectors / heads: prepared (DDP) on their own, never the method object
     ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,
                    model_cls=SiTTransformer2DModel, model_config=model.config)

@@ -14,6 +14,7 @@ Flags are those of `train_align.py` (data, model, optimisation, checkpoints, Hub
 """
 
 import argparse
+import logging
 import os
 import sys
 
@@ -25,10 +26,13 @@ from diffusers_selftrans import training as T  # noqa: E402
 from diffusers_selftrans.alignment import build_alignment  # noqa: E402
 from diffusers_selftrans.data import add_data_args  # noqa: E402
 
+logger = logging.getLogger(__name__)
+
 # Paper Table 1 runs 80 epochs (400K iterations at batch 256); the guide stops after 20 epochs for SiT-B
 # (released code: 100K iterations), 10 epochs for L/XL (method-notes §3.2).
 STAGE2_EPOCHS = 80
 GUIDE_STOP_EPOCHS_BY_DEPTH = {12: 20, 24: 10, 28: 10}
+DEFAULT_GUIDE_STOP_EPOCHS = 20  # other depths: SiT-B's setting
 
 
 def parse_args(input_args=None):
@@ -50,7 +54,11 @@ def parse_args(input_args=None):
     g.add_argument("--guide_stop_step", type=int, default=None,
                    help="Optimizer step after which the guide loss and the teacher stop. Default: --guide_stop_epochs.")
     g.add_argument("--guide_stop_epochs", type=float, default=None,
-                   help="Default 20 epochs for 12-block models, 10 for deeper ones (paper §4).")
+                   help="Default 20 epochs for 12-block models, 10 for deeper ones (paper §4), converted to steps "
+                        "with the dataset size and the global batch.")
+    g.add_argument("--guiding_classes_correspond", action="store_true",
+                   help="Accept a guiding model whose id2label names other classes (same count): its class k is "
+                        "taken to be the data's class k.")
     g.add_argument("--guiding_autocast", type=str, default="no", choices=["no", "bf16", "fp16"],
                    help="Run the fp32 teacher under autocast (GPU: bf16 is ~4x faster). Keep its weights fp32: "
                         "with bf16 weights, w=30 amplifies the rounding of f_c - f_u (relative error 0.19 vs 0.024 "
@@ -72,10 +80,19 @@ def build_stage2_method(args, model, accelerator):
     teacher = teacher.to(accelerator.device)
     stop = args.guide_stop_step
     if stop is None:
-        epochs = args.guide_stop_epochs or GUIDE_STOP_EPOCHS_BY_DEPTH.get(model.config.num_layers, 20)
-        # the guide covers the same fraction of the run as in the paper (20 of 80 epochs for SiT-B)
-        stop = max(1, round(args.max_train_steps * epochs / (args.num_train_epochs or STAGE2_EPOCHS)))
+        epochs = args.guide_stop_epochs
+        if epochs is None:
+            epochs = GUIDE_STOP_EPOCHS_BY_DEPTH.get(model.config.num_layers, DEFAULT_GUIDE_STOP_EPOCHS)
+        if args.steps_per_epoch:  # epochs of this dataset, whatever --max_train_steps says
+            stop = max(1, round(epochs * args.steps_per_epoch))
+            how = f"{epochs:g} epochs x {args.steps_per_epoch} steps per epoch"
+        else:  # dataset size unknown: the paper's fraction of the run (20 of 80 epochs for SiT-B)
+            stop = max(1, round(args.max_train_steps * epochs / (args.num_train_epochs or STAGE2_EPOCHS)))
+            how = (f"the dataset size is unknown, so {epochs:g} of {args.num_train_epochs or STAGE2_EPOCHS:g} "
+                   f"epochs of the {args.max_train_steps}-step run; pass --guide_stop_step to choose")
+            logger.warning("Guide stop: %s.", how)
         args.guide_stop_step = stop
+        logger.info("The guide loss stops after step %d (%s).", stop, how)
     options = {
         "teacher": teacher,
         "guided_layer": args.guided_layer,
@@ -86,6 +103,7 @@ def build_stage2_method(args, model, accelerator):
         "t_range_mode": args.t_range_mode,
         "projector_dim": args.projector_dim,
         "teacher_autocast": {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.guiding_autocast],
+        "classes_correspond": args.guiding_classes_correspond,
     }
     options = {k: v for k, v in options.items() if v is not None}
     options["t_range"] = None if args.no_t_range else tuple(args.t_range)  # None: the guide applies at every t

@@ -47,3 +47,51 @@ def test_class_dropout_zero_trains_without_cfg_dropout_and_stage2_refuses_it(ass
     with pytest.raises(ValueError, match="no null class"):
         train_self_transcendence.main(flags(assets, tmp_path / "s2", guiding_model_name_or_path=out,
                                             max_train_steps=1))
+
+
+def test_guiding_model_paths_fail_with_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="neither a local folder nor a reachable Hub id") as info:
+        T.load_transformer(str(tmp_path / "no-such-guiding-model"))
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chain of Hub tracebacks
+    with pytest.raises(ValueError, match="neither a local folder nor a reachable Hub id"):
+        T.load_transformer("someone/missing-sit-repo")  # offline in the tests: not reachable
+    raw = tmp_path / "last.pt"
+    torch.save({"model": {}}, raw)
+    with pytest.raises(ValueError, match=r"(?s)raw training checkpoint.*python -m diffusers_selftrans.convert "
+                                         r"--checkpoint .*last\.pt"):
+        T.load_transformer(str(raw))
+
+
+def test_guiding_model_with_other_class_names_is_refused(assets, stage1, tmp_path):
+    from diffusers_selftrans.alignment import build_alignment
+
+    teacher = T.load_transformer(str(stage1))
+    names = {int(k): v for k, v in teacher.config.id2label.items()}
+    assert names == {0: "class0", 1: "class1", 2: "class2"}
+    student = dict(teacher.config, id2label={0: "cat", 1: "dog", 2: "fish"})  # same count, other classes
+    with pytest.raises(ValueError, match=r"differ from the training data's in 3 of 3 ids.*guiding_classes_correspond"):
+        build_alignment("self_transcendence", student, teacher=teacher, projector_dim=8)
+    build_alignment("self_transcendence", student, teacher=teacher, projector_dim=8, classes_correspond=True)
+    build_alignment("self_transcendence", dict(teacher.config), teacher=teacher, projector_dim=8)  # same names
+    # through the script: other class folders, same count
+    other = tmp_path / "other"
+    for name in ("cat", "dog", "fish"):
+        (other / name).mkdir(parents=True)
+        for i in range(8):
+            (other / name / f"{i}.png").hardlink_to(assets / "data" / "class0" / f"{i}.png")
+    with pytest.raises(ValueError, match="guiding_classes_correspond"):
+        train_self_transcendence.main(flags(assets, tmp_path / "s2", train_data_dir=other,
+                                            guiding_model_name_or_path=stage1, max_train_steps=1))
+
+
+def test_guide_stop_default_counts_epochs_of_the_data(assets, stage1, tmp_path):
+    # 24 images at batch 4: 6 steps per epoch, so 0.5 epochs stop the guide after step 3 whatever --max_train_steps
+    # says (the old default took 0.5 / 80 of the run: step 1).
+    out = tmp_path / "s2"
+    train_self_transcendence.main(flags(assets, out, guiding_model_name_or_path=stage1, guide_stop_epochs=0.5,
+                                        validation_steps=100))
+    args = json.loads((out / "args.json").read_text())
+    assert args["steps_per_epoch"] == 6 and args["guide_stop_step"] == 3
+    losses = read_losses(out)
+    assert [("loss_guide" in losses[s]) for s in (1, 2, 3, 4)] == [True, True, True, False]
+    assert '"guide_stop_step": 3' in (out / "README.md").read_text()

@@ -178,8 +178,25 @@ def model_config_from_args(args, *, sample_size: int, in_channels: int, num_clas
     return config
 
 
+# Released training checkpoints (torch.save pickles) that `python -m diffusers_selftrans.convert` turns into folders.
+RAW_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+
+
 def load_transformer(name_or_path: str, subfolder: Optional[str] = None, **kwargs) -> SiTTransformer2DModel:
-    """Load a SiT from a `save_pretrained` folder, a pipeline folder (its `transformer/`), or a Hub id."""
+    """Load a SiT from a `save_pretrained` folder, a pipeline folder (its `transformer/`), or a Hub id.
+
+    Anything else is one clear error: a raw checkpoint file names the conversion command, and a path that is neither
+    a local folder nor a reachable Hub repo says so (instead of the Hub client's chain of tracebacks)."""
+    name_or_path = os.fspath(name_or_path)
+    if os.path.isfile(name_or_path):
+        if name_or_path.endswith(RAW_CHECKPOINT_SUFFIXES):
+            raise ValueError(
+                f"{name_or_path} is a raw training checkpoint, not a diffusers folder. Convert it first:\n"
+                f"  python -m diffusers_selftrans.convert --checkpoint {name_or_path} --model SiT-B/2 "
+                f"--flavor self_transcendence --output_dir converted  (set --model and --flavor to match it)\n"
+                f"then pass the output folder."
+            )
+        raise ValueError(f"{name_or_path} is a file; pass the folder written by save_pretrained or a training run.")
     if os.path.isdir(name_or_path):
         root = Path(name_or_path)
         if subfolder is None and not (root / "config.json").exists():
@@ -188,12 +205,19 @@ def load_transformer(name_or_path: str, subfolder: Optional[str] = None, **kwarg
             else:
                 raise ValueError(f"{name_or_path} holds neither a SiT config.json nor a transformer/ subfolder.")
         return SiTTransformer2DModel.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)
-    if subfolder is not None:
-        return SiTTransformer2DModel.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)
-    try:  # a pipeline repo on the Hub
-        return SiTTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", **kwargs)
-    except (OSError, EnvironmentError):
-        return SiTTransformer2DModel.from_pretrained(name_or_path, **kwargs)
+    try:
+        if subfolder is not None:
+            return SiTTransformer2DModel.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)
+        try:  # a pipeline repo on the Hub
+            return SiTTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", **kwargs)
+        except OSError:
+            return SiTTransformer2DModel.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:  # HFValidationError is a ValueError; offline / not found are OSErrors
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{name_or_path!r} is neither a local folder nor a reachable Hub id with a SiT "
+            f"(Hub: {type(err).__name__}: {reason})"
+        ) from None
 
 
 def load_vae(args):

@@ -42,6 +42,27 @@ GUIDANCE_SCALE_LIGHTNINGDIT = 10.0
 GUIDE_WEIGHT = 0.5
 
 
+def check_same_classes(student_id2label: Optional[Mapping], teacher_id2label: Optional[Mapping]) -> None:
+    """The teacher's label k must mean the student's label k: refuse `id2label`s that name other classes.
+
+    A config without names cannot be checked and is accepted. Ids are compared as ints (JSON stores them as strings).
+    """
+    if not student_id2label or not teacher_id2label:
+        return
+    student = {int(k): v for k, v in student_id2label.items()}
+    teacher = {int(k): v for k, v in teacher_id2label.items()}
+    if student == teacher:
+        return
+    differ = sorted(k for k in set(student) | set(teacher) if student.get(k) != teacher.get(k))
+    shown = ", ".join(f"{k}: {student.get(k)!r} vs {teacher.get(k)!r}" for k in differ[:5])
+    raise ValueError(
+        f"The guiding model's classes differ from the training data's in {len(differ)} of {len(student)} ids "
+        f"(student vs teacher: {shown}{', ...' if len(differ) > 5 else ''}). Its f_c would guide towards other "
+        f"classes. Train the guiding model on the same data, or pass --guiding_classes_correspond "
+        f"(classes_correspond=True) if its class k really is the data's class k."
+    )
+
+
 class SelfTranscendence(AlignmentMethod):
     r"""
     Stage-2 self-guided representation alignment. Term: `"guide"`.
@@ -65,6 +86,8 @@ class SelfTranscendence(AlignmentMethod):
             in fp32 (measured on an H100, SiT-B-sized random teacher: f_g relative error 0.024 vs 0.19 for bf16
             weights; fp32 is ~4x slower). The recommended setting. Ignored on CPU.
         projector_dim (`int`, defaults to 2048), projector (`AlignmentProjector`, *optional*): as in `VAEAlignment`.
+        classes_correspond (`bool`, defaults to False): accept a teacher whose `id2label` names other classes than
+            the student's (same count): its class k is then taken to mean the student's class k.
 
     Per call: `features` with block `guided_layer`, `x_t`, `t`, `class_labels` (the TRUE labels, never the dropped
     ones), `step` (global step, for the early stop).
@@ -90,6 +113,7 @@ class SelfTranscendence(AlignmentMethod):
         teacher_autocast: Optional[torch.dtype] = None,
         projector_dim: int = DEFAULT_PROJECTOR_DIM,
         projector: Optional[AlignmentProjector] = None,
+        classes_correspond: bool = False,
     ):
         super().__init__()
         student = resolve_sit_config(model_config)
@@ -107,6 +131,8 @@ class SelfTranscendence(AlignmentMethod):
                              f"(patch sizes {student['patch_size']} vs {tea['patch_size']}).")
         if tea["num_classes"] != student["num_classes"]:
             raise ValueError(f"num_classes differ: student {student['num_classes']} vs teacher {tea['num_classes']}.")
+        if not classes_correspond:
+            check_same_classes(student["id2label"], tea["id2label"])
         if not tea["class_dropout_prob"] > 0:
             raise ValueError("The teacher has no null class (class_dropout_prob == 0), so f_u cannot be computed.")
         defaults_s = default_layers(self.name, student["num_layers"])
