@@ -37,7 +37,7 @@ import quickstart_assets  # noqa: E402
 import train_align  # noqa: E402
 import train_self_transcendence  # noqa: E402
 
-from diffusers_selftrans import SiTPipeline  # noqa: E402
+from diffusers_selftrans import SiTPipeline, SiTTransformer2DModel  # noqa: E402
 from diffusers_selftrans import evaluation as E  # noqa: E402
 
 # Measured on the 2-core project CPU (machine-notes): a depth-6 / width-128 SiT at 16 tokens, batch 128, learns
@@ -120,6 +120,7 @@ def main(args=None):
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     timings = {}
+    start = time.perf_counter()
 
     # 0. Data: digits as PNG class folders, encoded once to latent shards with the project's own VAE
     digits = quickstart_assets.write_digits_imagefolder(out / "data" / "digits", args.resolution)
@@ -163,12 +164,15 @@ def main(args=None):
                             "guidance_scale": args.guidance_scale, "samples_per_model": args.samples_per_class * 10,
                             "real_images": len(real), "seed": args.seed},
                "train_seconds": {k: round(v, 1) for k, v in timings.items()}, "models": {}}
+    results["settings"]["parameters"] = sum(
+        p.numel() for p in SiTTransformer2DModel.from_pretrained(stage2 / "transformer").parameters())
     for name, folder in (("self_transcendence", stage2), ("vanilla_sit", vanilla), ("stage1_guiding", stage1)):
         images, labels = sample_model(folder, out / "samples" / name, args, num_classes=10)
         metrics = E.evaluate_samples(real, real_labels, images, labels, classifier)
         results["models"][name] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
         grid = labelled_grid(images, labels, f"{name}: {args.steps if folder != stage1 else args.stage1_steps} steps")
         grid.save(out / f"grid_{name}.png")
+    results["total_seconds"] = round(time.perf_counter() - start, 1)  # end to end, data and evaluation included
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
     # 5. Summary

@@ -61,8 +61,8 @@ def parse_args(input_args=None):
                         "taken to be the data's class k.")
     g.add_argument("--guiding_autocast", type=str, default="no", choices=["no", "bf16", "fp16"],
                    help="Run the fp32 teacher under autocast (GPU: bf16 is ~4x faster). Keep its weights fp32: "
-                        "with bf16 weights, w=30 amplifies the rounding of f_c - f_u (relative error 0.19 vs 0.024 "
-                        "measured on an H100 with a SiT-B-sized teacher).")
+                        "with bf16 weights, w=30 amplifies the rounding of f_c - f_u (benchmarks/gpu_check.py "
+                        "measures both against fp32).")
     args = T.parse_args_with_config(parser, input_args)
     if args.guiding_model_name_or_path is None:
         parser.error("--guiding_model_name_or_path is required (the stage-1 output of train_align.py).")

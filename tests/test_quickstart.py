@@ -28,6 +28,12 @@ def test_quickstart_end_to_end_at_tiny_size(tmp_path, capsys):
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert saved["settings"]["guide_stop_step"] == 1
+    # 3 blocks of width 32 on 4 x 8 x 8 latents, 10 classes: the count of the saved stage-2 transformer
+    from diffusers_selftrans import SiTTransformer2DModel
+
+    stage2 = SiTTransformer2DModel.from_pretrained(out / "stage2_selftrans" / "transformer")
+    assert saved["settings"]["parameters"] == sum(p.numel() for p in stage2.parameters()) > 0
+    assert saved["total_seconds"] >= sum(saved["train_seconds"].values()) > 0
     for name in ("self_transcendence", "vanilla_sit", "stage1_guiding"):
         metrics = saved["models"][name]
         assert metrics["num_fake"] == 10 and metrics["num_real"] == 300
