@@ -10,8 +10,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     package_dir={"": "src"},
-    packages=find_packages("src"),
+    # model_cards/ holds the card templates read at run time (training.render_model_card): listed as a (data-only)
+    # package so the wheel carries them, not only the source tree
+    packages=find_packages("src") + ["diffusers_selftrans.model_cards"],
     include_package_data=True,
+    package_data={"diffusers_selftrans.model_cards": ["*.md"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",
@@ -31,7 +34,9 @@ setup(
     extras_require={
         # the quickstart and the convergence benchmark (bundled digits, plots, t-SNE)
         "quickstart": ["scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.14"],
-        "test": ["pytest>=7", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.14"],
+        # setuptools: tests/test_wheel.py builds the wheel without build isolation (bdist_wheel is built into
+        # setuptools since 70.1, so the separate `wheel` package is not needed)
+        "test": ["pytest>=7", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.14", "setuptools>=70.1"],
         # Inception FID / IS / precision-recall; pulls torchvision (pick a torch/torchvision pair that match)
         "metrics": ["torch-fidelity>=0.3"],
     },

@@ -198,8 +198,9 @@ def test_two_processes_run_stage2_past_the_guide_stop(assets, stage1, tmp_path):
 
 
 def test_push_to_hub_uploads_pipeline_without_checkpoints(assets, stage1, monkeypatch):
-    from huggingface_hub import HfApi, RepoUrl
-    from huggingface_hub.utils import filter_repo_objects
+    """The Hub is patched at the network boundary: every HfApi call that `upload_folder` makes to the server."""
+    import huggingface_hub.hf_api
+    from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, RepoUrl
 
     calls = {}
 
@@ -207,26 +208,64 @@ def test_push_to_hub_uploads_pipeline_without_checkpoints(assets, stage1, monkey
         calls["create_repo"] = repo_id
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
-        files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
-        calls["uploaded"] = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+    def validate_yaml(self, content, **kwargs):  # a POST to /api/validate-yaml for README.md
+        calls["validated_card"] = content
+
+    def create_commit(self, repo_id, operations, **kwargs):
         calls["repo_id"] = repo_id
+        calls["uploaded"] = sorted(op.path_in_repo for op in operations)
+        assert all(isinstance(op, CommitOperationAdd) for op in operations)
+        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="",
+                          commit_description="", oid="0" * 40)
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "_validate_yaml", validate_yaml)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    # with hf_xet installed, upload_folder streams through its own xet pipeline instead of create_commit: take the
+    # single-commit path, whose create_commit is patched above (older huggingface_hub versions always take it)
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False, raising=False)
     out = assets / "pushed"
     train_align.main(flags(assets, out, max_train_steps=2, push_to_hub=True, hub_model_id="me/sit-tiny",
-                           hub_token="hf_secret_value", validation_steps=100))
+                           hub_token="hf_secret_value", validation_steps=1))
     for written in ("README.md", "args.json"):
         assert "hf_secret_value" not in (out / written).read_text()
     assert calls["create_repo"] == calls["repo_id"] == "me/sit-tiny"
+    assert calls["validated_card"] == (out / "README.md").read_text()
     uploaded = calls["uploaded"]
-    assert "transformer/diffusion_pytorch_model.safetensors" in uploaded
-    assert {"model_index.json", "transformer/config.json", "vae/config.json", "README.md", "samples.png"} <= set(uploaded)
-    assert not any(f.startswith(("checkpoint-", "logs/")) for f in uploaded)
-    assert not any(f.endswith((".bin", ".pkl", ".pt")) for f in uploaded)
+    # the complete pipeline with its card and the remote code (--save_remote_code is on by default) ...
+    assert {"model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+            "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+            "README.md", "samples.png", "pipeline_sit.py", "transformer/transformer_sit.py"} <= set(uploaded)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_sit", "SiTPipeline"]
+    # ... and nothing from training: the written folder has checkpoints, logs and step grids, the upload does not
+    assert (out / "checkpoint-2").is_dir() and list((out / "samples").glob("step-*.png"))
+    assert not any(f.startswith(("checkpoint-", "logs/", "samples/step-")) for f in uploaded), uploaded
+    assert not any(f.endswith((".bin", ".pkl", ".pt", ".tmp")) for f in uploaded), uploaded
     front = (out / "README.md").read_text().split("---")[1]
     assert "library_name: diffusers" in front and "self-transcendence" in front
+
+
+def test_no_save_remote_code_writes_weights_and_configs_only(assets, tmp_path):
+    from diffusers_selftrans import SiTPipeline
+
+    out = tmp_path / "plain"
+    train_align.main(flags(assets, out, max_train_steps=1, checkpointing_steps=100, validation_steps=100)
+                     + ["--no-save_remote_code"])
+    assert not list(out.rglob("*.py"))
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "SiTPipeline"
+    assert json.loads((out / "args.json").read_text())["save_remote_code"] is False
+    assert type(SiTPipeline.from_pretrained(out).transformer).__name__ == "SiTTransformer2DModel"
+
+
+def test_model_card_templates_ship_inside_the_package():
+    import diffusers_selftrans
+
+    package_dir = Path(diffusers_selftrans.__file__).parent
+    for name in ("stage1.md", "stage2.md"):
+        assert T.read_model_card_template(name) == (package_dir / "model_cards" / name).read_text(encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match=r"stage3\.md.*available: \['stage1\.md', 'stage2\.md'\]"):
+        T.read_model_card_template("stage3.md")
 
 
 def test_config_file_sets_defaults_and_rejects_unknown_keys(assets, tmp_path):

@@ -101,6 +101,11 @@ def add_training_args(parser: argparse.ArgumentParser):
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", type=str, default=None)
     g.add_argument("--hub_private", action="store_true")
+    g.add_argument("--save_remote_code", action=argparse.BooleanOptionalAction, default=True,
+                   help="Also write the pipeline's and the transformer's .py files into --output_dir (and so into the "
+                        "Hub push), so that DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) loads it "
+                        "with diffusers alone, without this package. --no-save_remote_code writes only weights and "
+                        "configs (then only SiTPipeline.from_pretrained loads the folder).")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar.")
 
 
@@ -486,21 +491,22 @@ def export_pipeline(args, accelerator, model, ema, vae, id2label=None) -> Path:
     ema.copy_to(final.parameters())
     final.eval()
     pipe = build_pipeline(final, vae, id2label)
-    pipe.save_pretrained(output_dir)
+    # On by default: the folder (and its Hub copy) then also loads with diffusers alone,
+    # `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
+    pipe.save_pretrained(output_dir, save_remote_code=getattr(args, "save_remote_code", True))
     return output_dir
 
 
-MODEL_CARDS_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+# The card templates ship inside the package (package_data in setup.py), so an installed wheel finds them too.
+MODEL_CARDS_FOLDER = "model_cards"
 
 
 def render_model_card(output_dir: Path, *, template: str, args, command: str, metrics: Optional[dict] = None,
                       sample_image: Optional[str] = None, base_model: Optional[str] = None, extra: Optional[dict] = None):
-    """Render `model_cards/<template>` into `output_dir/README.md` with Hub front matter."""
+    """Render the package's `model_cards/<template>` into `output_dir/README.md` with Hub front matter."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    template_path = MODEL_CARDS_DIR / template
-    if not template_path.exists():  # installed without the repository checkout
-        template_path = Path(__file__).parent / "model_cards" / template
+    template_text = read_model_card_template(template)
     dataset = args.dataset_name or ("local image folder" if getattr(args, "train_data_dir", None) else None)
     card_data = ModelCardData(
         library_name="diffusers",
@@ -515,7 +521,7 @@ def render_model_card(output_dir: Path, *, template: str, args, command: str, me
                if "--" + k not in SECRET_FLAGS and k != "launch_command"}
     card = ModelCard.from_template(
         card_data,
-        template_path=str(template_path),
+        template_str=template_text,
         repo_id=args.hub_model_id or Path(args.output_dir).name,
         command=command,
         hyperparameters=json.dumps(hparams, indent=2, default=str),
@@ -527,6 +533,20 @@ def render_model_card(output_dir: Path, *, template: str, args, command: str, me
     )
     card.save(str(Path(output_dir) / "README.md"))
     return card
+
+
+def read_model_card_template(template: str) -> str:
+    """The text of the packaged card template `template` (e.g. "stage1.md"); an unknown name is an error that lists
+    the available ones."""
+    from importlib import resources
+
+    folder = resources.files(__package__) / MODEL_CARDS_FOLDER
+    path = folder / template
+    if not path.is_file():
+        available = sorted(p.name for p in folder.iterdir() if p.name.endswith(".md")) if folder.is_dir() else []
+        raise FileNotFoundError(f"No model card template {template!r} in {__package__}/{MODEL_CARDS_FOLDER}/; "
+                                f"available: {available}")
+    return path.read_text(encoding="utf-8")
 
 
 # Everything that is not part of the published pipeline.
