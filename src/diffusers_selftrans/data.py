@@ -111,7 +111,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--num_classes",
         type=int,
         default=None,
-        help="Number of classes when the label column is a plain integer (no ClassLabel), e.g. webdataset `cls`.",
+        help="Number of classes when the label column is a plain integer (no ClassLabel), e.g. webdataset `cls` "
+        "(required when streaming; map-style default: the largest label + 1, with a warning naming how many classes "
+        "have no example). A label outside it is an error naming the row.",
     )
     group.add_argument("--cache_dir", type=str, default=None, help="`datasets` cache directory.")
     group.add_argument("--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN / cached login).")
@@ -394,7 +396,8 @@ class ImageSource:
 
     Attributes: `dataset` (a `datasets.Dataset` or `IterableDataset`), `streaming`, `image_column`, `label_column`
     (None for unconditional data), `num_classes`, `id2label` (dict int -> str, or None), `num_examples` (None when
-    streaming), `reader` (a torch Dataset mapping a key to `{"pixel_values", "label"}` or `{"error", "label"}`).
+    streaming), `reader` (a torch Dataset mapping a key to `{"pixel_values", "label"}` or `{"error", "label"}`; a bad
+    label raises `LabelError`), `stray_files` (imagefolder images beside or below the class folders, left out).
     """
 
     is_latent = False
