@@ -240,6 +240,9 @@ def train(args, build_method, *, card_template: str, base_model=None):
         logged = {"train_seconds": round(train_seconds, 4)}
         for name, value in [("loss", loss), ("loss_diff", loss_diff)] + [(f"loss_{k}", v) for k, v in terms.items()]:
             logged[name] = accelerator.reduce(value.detach().float(), "mean").item()
+        # undecodable images skipped so far, all processes together (cumulative; restored on resume)
+        logged["data_skipped"] = int(accelerator.reduce(torch.tensor(stream.skips.num_skipped,
+                                                                     device=accelerator.device), "sum").item())
         progress.update(1)
         if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
             elapsed = time.perf_counter() - tick
@@ -270,7 +273,8 @@ def train(args, build_method, *, card_template: str, base_model=None):
         T.render_model_card(output_dir, template=card_template, args=args, command=args.launch_command,
                             sample_image=final_grid.name, base_model=base_model,
                             metrics={"final_loss": logged.get("loss"), "steps": global_step,
-                                     "nonfinite_skipped": guard.skipped})
+                                     "nonfinite_skipped": guard.skipped,
+                                     "data_skipped": logged.get("data_skipped")})
         if args.push_to_hub:
             repo_id = T.push_to_hub(args, output_dir)
             logger.info(f"Pushed to https://huggingface.co/{repo_id}", main_process_only=True)

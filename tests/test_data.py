@@ -168,7 +168,7 @@ def test_modes_convert_to_rgb():
 
 
 def test_imagefolder_map_style_skips_and_counts(tmp_path, imagefolder, caplog):
-    stream = _stream(tmp_path, imagefolder, batch_size=3)
+    stream = _stream(tmp_path, imagefolder, "--max_skip_fraction", 0.2, batch_size=3)  # 1 broken of 10
     assert not stream.streaming and not stream.is_latent and stream.latent_stats is None
     assert stream.num_classes == 3 and stream.id2label == {0: "cat", 1: "dog", 2: "fish"}
     assert stream.num_examples == 10 and stream.batches_per_epoch == 3
@@ -213,7 +213,7 @@ def test_unconditional_data(tmp_path, imagefolder):
     assert stream.num_classes == 1 and stream.id2label is None
     assert _take(stream, 2)[1]["class_labels"].tolist() == [0, 0]
     # Labels present but ignored with --label_column none.
-    forced = _stream(tmp_path, imagefolder, "--label_column", "none", batch_size=3)
+    forced = _stream(tmp_path, imagefolder, "--label_column", "none", "--max_skip_fraction", 0.2, batch_size=3)
     assert forced.num_classes == 1 and forced.id2label is None
     assert torch.cat([b["class_labels"] for b in _take(forced, 3)]).tolist() == [0] * 9
 
@@ -266,6 +266,7 @@ def test_exact_resume_with_flips(tmp_path, kind):
         extra = ["--streaming" if "streaming" in kind else "--no_streaming"]
     else:
         data, extra = make_imagefolder(tmp_path / "f"), []
+    extra.extend(["--max_skip_fraction", 0.5])  # 1 broken file in 10-12: a 1 % limit would stop at the first read
 
     def make():
         return _stream(tmp_path, data, "--random_flip", *extra, batch_size=2, seed=5, num_processes=2, process_index=1)

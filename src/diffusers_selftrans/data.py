@@ -15,7 +15,10 @@ Scope:
 Preprocessing follows REPA/ADM (method notes §2.1): ADM center crop, no horizontal flip by default, pixels in [-1, 1].
 
 Unconditional data: a dataset without a label column (or with a single class) gives `num_classes == 1` and every
-label is 0; the model then only ever sees class 0 and its null class.
+label is 0; the model then only ever sees class 0 and its null class. Labels are never dropped silently: an image
+that sits beside the class folders of an imagefolder tree is skipped with a warning (`ImageSource.stray_files`), and
+map-style labels are checked in one vectorised pass at start-up (missing or out-of-range labels are errors that name
+the row; classes without examples are a warning).
 """
 
 import argparse
@@ -47,7 +50,8 @@ DEFAULT_RESOLUTION = 256
 DEFAULT_SHUFFLE_BUFFER_SIZE = 10_000
 # Stop when more than 1% of the images cannot be decoded: ImageNet-1k has none, so this means broken data.
 DEFAULT_MAX_SKIP_FRACTION = 0.01
-# The skip rate is only judged after this many images, so one bad file early on does not stop a run.
+# Streaming data of unknown size: the skip rate is only judged after this many images (or at the end of the first
+# epoch), so one bad file early on does not stop a run. Data of known size is judged from the first read instead.
 MIN_SAMPLES_FOR_SKIP_CHECK = 1000
 # ADM / REPA crop (guided-diffusion `center_crop_arr`, REPA `dataset_tools.py` "center-crop-dhariwal").
 CROP_RECIPE = "adm_center_crop"
@@ -107,7 +111,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--num_classes",
         type=int,
         default=None,
-        help="Number of classes when the label column is a plain integer (no ClassLabel), e.g. webdataset `cls`.",
+        help="Number of classes when the label column is a plain integer (no ClassLabel), e.g. webdataset `cls` "
+        "(required when streaming; map-style default: the largest label + 1, with a warning naming how many classes "
+        "have no example). A label outside it is an error naming the row.",
     )
     group.add_argument("--cache_dir", type=str, default=None, help="`datasets` cache directory.")
     group.add_argument("--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN / cached login).")
@@ -133,8 +139,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max_skip_fraction",
         type=float,
         default=DEFAULT_MAX_SKIP_FRACTION,
-        help=f"Stop when more than this fraction of images cannot be decoded (judged after "
-        f"{MIN_SAMPLES_FOR_SKIP_CHECK} images).",
+        help="Stop when more than this fraction of images cannot be decoded. Judged from the first read when the "
+        "dataset size is known (map-style data: each process stops as soon as its skips exceed this fraction of the "
+        "images it reads per epoch, later as a fraction of all images read), so small data with broken files stops "
+        f"at once and one bad file in a huge dataset does not; streaming data of unknown size is judged after "
+        f"{MIN_SAMPLES_FOR_SKIP_CHECK} images and at the end of every epoch.",
     )
     group.add_argument(
         "--streaming",
@@ -246,18 +255,32 @@ def preprocess_image(value: Any, resolution: int) -> torch.Tensor:
 
 
 class SkipCounter:
-    """Counts undecodable images and stops the run once the skip rate passes `max_fraction`."""
+    """Counts undecodable images and stops the run once the skip rate passes `max_fraction`.
 
-    def __init__(self, max_fraction: float, min_samples: int = MIN_SAMPLES_FOR_SKIP_CHECK, name: str = "data"):
+    The rule, so that small broken data stops at once and one bad file in a huge dataset does not:
+    * `expected_per_epoch` known (map-style data: the images this process reads per epoch): judged from the first
+      read, against `max(num_read, expected_per_epoch)` images. In the first epoch that is the epoch size, so the
+      run stops as soon as the skips alone exceed the allowed share of the data; later it is the rate over everything
+      read (a bad file is skipped again every epoch).
+    * unknown size (streaming): judged once `min_samples` images were read, and at the end of every epoch
+      (`end_of_epoch`), against the images read.
+    """
+
+    def __init__(self, max_fraction: float, min_samples: int = MIN_SAMPLES_FOR_SKIP_CHECK, name: str = "data",
+                 expected_per_epoch: Optional[int] = None):
         if not 0.0 <= max_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_fraction}.")
+        if expected_per_epoch is not None and expected_per_epoch <= 0:
+            expected_per_epoch = None  # an empty share: nothing to judge against, the streaming rule applies
         self.max_fraction, self.min_samples, self.name = max_fraction, min_samples, name
+        self.expected_per_epoch = expected_per_epoch
         self.num_read = 0
         self.num_skipped = 0
 
     def ok(self) -> None:
         self.num_read += 1
-        if self.num_read == self.min_samples:
+        # With a known size a good read never raises the judged rate; without, the rate is first judged here.
+        if self.expected_per_epoch is None and self.num_read == self.min_samples:
             self.check()
 
     def skip(self, description: str, error: str) -> None:
@@ -269,16 +292,28 @@ class SkipCounter:
         )
         self.check()
 
+    def end_of_epoch(self) -> None:
+        """A whole epoch was read: the rate over the images read is exact, whatever `min_samples`."""
+        self.check(whole_epoch=True)
+
     @property
     def fraction(self) -> float:
         return self.num_skipped / max(self.num_read, 1)
 
-    def check(self) -> None:
-        if self.num_read >= self.min_samples and self.fraction > self.max_fraction:
+    def check(self, whole_epoch: bool = False) -> None:
+        if self.expected_per_epoch is not None and self.num_read <= self.expected_per_epoch:
+            # First epoch: at least this share of the data is broken, whatever the rest holds.
+            fraction = self.num_skipped / self.expected_per_epoch
+            counted = f"{self.num_skipped} of the {self.expected_per_epoch} images this process reads per epoch"
+        elif self.expected_per_epoch is not None or whole_epoch or self.num_read >= self.min_samples:
+            fraction = self.fraction
+            counted = f"{self.num_skipped} of {self.num_read} images"
+        else:
+            return
+        if fraction > self.max_fraction:
             raise RuntimeError(
-                f"{self.name}: {self.num_skipped} of {self.num_read} images could not be decoded "
-                f"({self.fraction:.2%} > --max_skip_fraction {self.max_fraction:.2%}). The data looks broken; fix it "
-                f"or raise --max_skip_fraction."
+                f"{self.name}: {counted} could not be decoded ({fraction:.2%} > --max_skip_fraction "
+                f"{self.max_fraction:.2%}). The data looks broken; fix it or raise --max_skip_fraction."
             )
 
 
@@ -361,7 +396,8 @@ class ImageSource:
 
     Attributes: `dataset` (a `datasets.Dataset` or `IterableDataset`), `streaming`, `image_column`, `label_column`
     (None for unconditional data), `num_classes`, `id2label` (dict int -> str, or None), `num_examples` (None when
-    streaming), `reader` (a torch Dataset mapping a key to `{"pixel_values", "label"}` or `{"error", "label"}`).
+    streaming), `reader` (a torch Dataset mapping a key to `{"pixel_values", "label"}` or `{"error", "label"}`; a bad
+    label raises `LabelError`), `stray_files` (imagefolder images beside or below the class folders, left out).
     """
 
     is_latent = False
@@ -384,6 +420,14 @@ class ImageSource:
             local = False
         streaming = getattr(args, "streaming", None)
         self.streaming = (not local) if streaming is None else bool(streaming)
+        requested_label = getattr(args, "label_column", None)
+        self.stray_files = []
+        unconditional = requested_label is not None and requested_label.lower() in NO_LABEL_VALUES
+        if load_kwargs["path"] == "imagefolder" and not unconditional:
+            # An image beside the class folders would make `datasets` drop every label: leave it out instead.
+            load_kwargs, self.stray_files = _without_stray_images(
+                load_kwargs, getattr(args, "dataset_split", "train"), getattr(args, "cache_dir", None)
+            )
 
         # 2. One `load_dataset` call for every source.
         dataset = datasets.load_dataset(
@@ -425,13 +469,13 @@ class ImageSource:
             elif num_classes_arg is not None:
                 self.num_classes = num_classes_arg
             elif not self.streaming:
-                self.num_classes = int(max(dataset.unique(self.label_column))) + 1
+                self.num_classes = None  # from the scan of the label column below
             else:
                 raise ValueError(
                     f"Label column {self.label_column!r} is a plain {feature!r} without class names; pass "
                     f"--num_classes for streaming data."
                 )
-            if num_classes_arg is not None and num_classes_arg != self.num_classes:
+            if num_classes_arg is not None and self.num_classes is not None and num_classes_arg != self.num_classes:
                 raise ValueError(f"--num_classes {num_classes_arg} but the data has {self.num_classes} classes.")
 
         # 5. We decode ourselves so that a bad file can be caught and skipped.
@@ -439,6 +483,11 @@ class ImageSource:
         keep = [self.image_column] + ([self.label_column] if self.label_column is not None else [])
         dataset = dataset.select_columns(keep)
         self.dataset = dataset
+
+        # 6. Map-style labels are checked now, in one pass, not when a bad row comes up mid-epoch.
+        if self.label_column is not None and not self.streaming:
+            self.num_classes = _check_label_column(dataset, self.image_column, self.label_column, self.num_classes,
+                                                   self.id2label)
         self.num_examples = None if self.streaming else len(dataset)
         self.resolution = args.resolution
         self.shuffle_buffer_size = getattr(args, "shuffle_buffer_size", DEFAULT_SHUFFLE_BUFFER_SIZE)
@@ -507,6 +556,106 @@ class ImageSource:
         yield from dataset
 
 
+def _without_stray_images(load_kwargs: Dict[str, Any], split: str, cache_dir: Optional[str]):
+    """imagefolder: leave out the images that sit at another depth than the class folders' images.
+
+    `datasets` infers labels from the parent folders only when every image sits at the same depth; one stray file
+    (`data/readme.png` beside `data/cat/`, or `data/cat/extra/x.png`) silently drops all labels. The depth that holds
+    the most images (ties: the deepest) is the class-folder depth; the other images are listed in a warning and left
+    out. Returns `(load_kwargs, stray_files)`; `load_kwargs` is unchanged when there is nothing to leave out (or when
+    a metadata file gives the labels).
+    """
+    import collections
+
+    import datasets
+    from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    builder = datasets.load_dataset_builder(**load_kwargs, cache_dir=cache_dir)
+    files = next((list(v) for k, v in (builder.config.data_files or {}).items() if str(k) == split), None)
+    if not files or any(os.path.basename(f) in FolderBasedBuilder.METADATA_FILENAMES for f in files):
+        return load_kwargs, []
+    extensions = {ext.lower() for ext in ImageFolder.EXTENSIONS}
+    images = [f for f in files if os.path.splitext(f)[1].lower() in extensions]
+
+    def depth(path):
+        return len(os.path.normpath(path).replace("\\", "/").split("/"))
+
+    counts = collections.Counter(depth(f) for f in images)
+    if len(counts) <= 1:
+        return load_kwargs, []
+    class_depth = max(counts, key=lambda d: (counts[d], d))
+    stray = sorted(f for f in images if depth(f) != class_depth)
+    stray_set = set(stray)
+    keep = [f for f in files if f not in stray_set]
+    shown = ", ".join(stray[:5]) + (f", ... ({len(stray) - 5} more)" if len(stray) > 5 else "")
+    logger.warning(
+        f"Left out {len(stray)} file{'s' if len(stray) > 1 else ''} beside or below the class folders of "
+        f"{load_kwargs.get('data_dir', 'the image folder')} (an image at another depth would drop every label): "
+        f"{shown}. Move them into a class folder, or pass --label_column none to train unconditionally on all images."
+    )
+    new_kwargs = {k: v for k, v in load_kwargs.items() if k != "data_dir"}
+    new_kwargs["data_files"] = {split: keep}
+    return new_kwargs, stray
+
+
+def _check_label_column(dataset, image_column: str, label_column: str, num_classes: Optional[int],
+                        id2label: Optional[Dict[int, str]]) -> int:
+    """One vectorised pass over a map-style label column: returns the class count.
+
+    Missing, non-integer, negative or >= `num_classes` labels are errors naming the first bad row (index and file
+    path). With `num_classes=None` (plain integer labels, no --num_classes) the count is the largest label + 1. Classes
+    without any example are a warning that says how many there are.
+    """
+    import pyarrow.compute as pc
+
+    column = dataset.with_format("arrow")[label_column]  # in row order (honours an indices mapping)
+
+    def row(index, problem):
+        value = dataset[int(index)][image_column]
+        return LabelError(
+            f"Label column {label_column!r}: row {int(index)} ({_describe(value, int(index))}) {problem}. Fix the "
+            f"row, or pass --label_column none to train unconditionally."
+        )
+
+    if column.null_count:
+        raise row(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0], "has no label (None)")
+    values = column.to_numpy()
+    if values.dtype.kind not in "iub":
+        integral = np.isfinite(values) & (values == np.round(values)) if values.dtype.kind == "f" else None
+        if integral is None:
+            raise LabelError(f"Label column {label_column!r} holds {values.dtype} values, not integer labels.")
+        if not integral.all():
+            bad = np.flatnonzero(~integral)[0]
+            raise row(bad, f"has label {values[bad]!r}, not an integer")
+    values = values.astype(np.int64)
+    if values.size == 0:
+        return num_classes or 1
+    from_scan = num_classes is None
+    if from_scan:
+        num_classes = max(int(values.max()) + 1, 1)
+    outside = (values < 0) | (values >= num_classes)
+    if outside.any():
+        bad = np.flatnonzero(outside)[0]
+        source = "the class names" if id2label else "--num_classes"
+        raise row(bad, f"has label {int(values[bad])}, outside [0, {num_classes}) ({source})")
+    empty = np.flatnonzero(np.bincount(values, minlength=num_classes) == 0)
+    if empty.size:
+        names = [f"{i} {id2label[i]!r}" if id2label else str(i) for i in empty[:10].tolist()]
+        hint = (
+            f" The class count comes from the largest label ({num_classes - 1}); if that label is a mistake, pass "
+            f"--num_classes (a label outside it is then an error naming the row)."
+            if from_scan
+            else ""
+        )
+        logger.warning(
+            f"Label column {label_column!r}: {empty.size} of the {num_classes} classes have no example "
+            f"({', '.join(names)}{', ...' if empty.size > 10 else ''}): the model gets {num_classes} classes and "
+            f"samples of the empty ones will be untrained.{hint}"
+        )
+    return num_classes
+
+
 def _map_style_keys(num_examples, epoch, seed, process_index, num_processes, shuffle, drop_remainder):
     """Indices of this process: an exact per-epoch permutation (seed + epoch), then every num_processes-th index.
 
@@ -532,15 +681,33 @@ class _ImageReader(torch.utils.data.Dataset):
     def __getitem__(self, key):
         record = self.table[int(key)] if isinstance(key, (int, np.integer)) else key
         value = record[self.image_column]
-        label = 0 if self.label_column is None else record[self.label_column]
-        if label is None or not 0 <= int(label) < self.num_classes:
-            raise ValueError(f"Label {label!r} of {_describe(value, key)} is outside [0, {self.num_classes}).")
+        label = 0 if self.label_column is None else _checked_label(record[self.label_column], self.num_classes,
+                                                                   _describe(value, key))
         try:
             pixel_values = preprocess_image(value, self.resolution)
         except _DECODE_ERRORS as error:
             error = f"{type(error).__name__}: {error}"
             return {"error": error, "label": int(label), "description": _describe(value, key)}
         return {"pixel_values": pixel_values, "label": int(label)}
+
+
+class LabelError(ValueError):
+    """A missing, non-integer or out-of-range label (a ValueError, so callers that catch ValueError still do)."""
+
+
+def _checked_label(label, num_classes: int, description: str) -> int:
+    """`label` as an int in [0, num_classes), else a LabelError naming `description` (the file or row)."""
+    if label is None:
+        raise LabelError(f"{description} has no label (None).")
+    try:
+        value = int(label)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value != label:
+        raise LabelError(f"{description} has label {label!r}, not an integer.")
+    if not 0 <= value < num_classes:
+        raise LabelError(f"{description} has label {value}, outside [0, {num_classes}).")
+    return value
 
 
 def _describe(value, key) -> str:
@@ -733,7 +900,8 @@ class TrainDataStream:
             `accelerator.num_processes`). The stream shards by process itself: do NOT pass it to `accelerator.prepare`.
         seed: shuffling (per-epoch permutation / streaming shuffle seed + epoch) and flip seed.
         vae_config: an `AutoencoderKL` or its config; with `--latents_dir` the shards are checked against it.
-        min_samples_for_skip_check: images read before the skip rate is judged.
+        min_samples_for_skip_check: images read before the skip rate is judged, for streaming data of unknown size
+            (map-style data is judged from the first read against its size; see `SkipCounter`).
 
     Batches (CPU tensors; move them to the device yourself):
         images:  {"pixel_values": float32 (B, 3, R, R) in [-1, 1], "class_labels": int64 (B,)}
@@ -810,6 +978,8 @@ class TrainDataStream:
             getattr(args, "max_skip_fraction", DEFAULT_MAX_SKIP_FRACTION),
             min_samples_for_skip_check,
             name=f"process {process_index}",
+            # Map-style: the records this process reads per epoch (see `_map_style_keys`); streaming: unknown.
+            expected_per_epoch=None if self.num_examples is None else self.num_examples // num_processes,
         )
         # Flip decisions come from one generator per process, kept in the state dict.
         self._generator = torch.Generator().manual_seed((seed << 16) + process_index)
@@ -836,6 +1006,8 @@ class TrainDataStream:
             for batch in self._epoch_batches():
                 yielded = True
                 yield batch
+            if not self.is_latent:
+                self.skips.end_of_epoch()
             if not yielded and self._position == 0:
                 raise ValueError(
                     f"Process {self.process_index} got no full batch of {self.batch_size} in epoch {self.epoch}: "
@@ -851,7 +1023,17 @@ class TrainDataStream:
         keys = itertools.islice(keys, self._position, None)
         consumed = self._position
         items = []
-        for item in ordered_map(self.source.reader, keys, self.num_workers):
+        records = ordered_map(self.source.reader, keys, self.num_workers)
+        while True:
+            try:
+                item = next(records, None)
+            except LabelError as error:
+                raise LabelError(
+                    f"Bad label in record {consumed} of epoch {self.epoch} read by process {self.process_index} "
+                    f"(counted from 0 in this process's order of the epoch): {error}"
+                ) from error
+            if item is None:
+                break
             consumed += 1
             if "error" in item:
                 self.skips.skip(item["description"], item["error"])
