@@ -219,6 +219,19 @@ def test_self_transcendence_value_against_separate_teacher_passes(tiny_sit, tiny
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_student_forward_and_guide_loss_read_no_label_values_off_the_host(tiny_sit, tiny_sit_config):
+    # On an accelerator, reading a label value (int(t.max())) is a host sync every step. Meta tensors stand in for a
+    # device: any such read raises "cannot be called on meta tensors".
+    cfg = tiny_sit_config
+    student = student_model(cfg).to("meta")
+    method = build_alignment("self_transcendence", student.config, teacher=tiny_sit.to("meta"),
+                             projector_dim=SMALL_PROJ, t_range=None).to("meta")
+    batch = {k: v.to("meta") for k, v in make_batch(cfg).items()}
+    out = student(batch["x_t"], batch["t"], batch["class_labels"], output_hidden_states=method.student_layers)
+    loss = method(out.hidden_states, step=0, **batch)["guide"]
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
 def test_self_transcendence_one_batched_teacher_pass_per_step(tiny_sit, tiny_sit_config):
     cfg = tiny_sit_config
     student = student_model(cfg)

@@ -437,3 +437,14 @@ def test_ema_folder_loads_as_a_sit_without_warnings_and_keeps_the_ema_state(tiny
     assert restored.optimization_step == 3 and restored.decay == 0.99
     for a, b in zip(restored.shadow_params, ema.shadow_params):
         assert torch.equal(a, b)
+
+
+def test_forward_reads_no_label_values_off_the_host(tiny_sit_config):
+    # CPU labels are range-checked (free); on an accelerator that read would be a host sync per step. Meta tensors stand
+    # in for a device: any value read raises.
+    model = SiTTransformer2DModel(**tiny_sit_config).to("meta")
+    x, t = torch.randn(3, 4, 8, 8, device="meta"), torch.rand(3, device="meta")
+    out = model(x, t, torch.zeros(3, dtype=torch.long, device="meta"), output_hidden_states=[1])
+    assert out.sample.shape == (3, 4, 8, 8) and out.hidden_states[1].device.type == "meta"
+    with pytest.raises(ValueError, match="class_labels must lie in"):  # still checked where it is free
+        SiTTransformer2DModel(**tiny_sit_config)(torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 1, 99]))
