@@ -8,9 +8,13 @@ on the weights. Sampling (`output_type="latent"`) and VAE decoding are timed sep
     python benchmarks/bench_sampling.py --preset SiT-B/2 --resolution 256 --batch 64 --device cuda --dtype bf16
     # smoke run on a CPU:
     python benchmarks/bench_sampling.py --preset SiT-S/8 --resolution 64 --steps_scale 0.04 --batch 2 --device cpu
+    # only the FID setting (SDE-250, CFG 1.9 on t in [0, 0.65]), as benchmarks/gpu_check.py runs it:
+    python benchmarks/bench_sampling.py --preset SiT-XL/2 --batch 64 --dtype bf16 --samplers sde --only_guided \
+        --guidance_scale 1.9 --guidance_high 0.65 --output_json sampling.json
 """
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -55,6 +59,11 @@ def parse_args(input_args=None):
     parser.add_argument("--repeats", type=int, default=2, help="Timed calls per row (after one warm-up call).")
     parser.add_argument("--num_classes", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samplers", nargs="+", choices=[name for name, _, _ in SAMPLERS], default=None,
+                        help="Time only these samplers (default: all).")
+    parser.add_argument("--only_guided", action="store_true",
+                        help="Skip the unguided (guidance_scale 1.0) row of each sampler.")
+    parser.add_argument("--output_json", default=None, help="Also write the command, device and rows here.")
     args = parser.parse_args(input_args)
     if args.resolution % VAE_DOWNSAMPLING:
         parser.error(f"--resolution must be divisible by {VAE_DOWNSAMPLING}.")
@@ -89,7 +98,8 @@ def main(args) -> list:
         transformer, vae = transformer.to(dtype), vae.to(dtype)
     labels = torch.randint(0, args.num_classes, (args.batch,), generator=torch.Generator().manual_seed(args.seed))
     params = sum(p.numel() for p in transformer.parameters()) / 1e6
-    print(f"$ python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    command = f"python {' '.join(shlex.quote(a) for a in sys.argv)}"
+    print(f"$ {command}")
     device_name = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"
     print(f"{args.preset} ({params:.1f}M params) at {args.resolution}px, batch {args.batch}, {args.dtype}, "
           f"device {args.device} ({device_name})")
@@ -98,10 +108,12 @@ def main(args) -> list:
     results = []
     latents = None
     for name, scheduler_cls, base_steps in SAMPLERS:
+        if args.samplers is not None and name not in args.samplers:
+            continue
         steps = max(1, round(base_steps * args.steps_scale))
         pipe = SiTPipeline(transformer, vae, scheduler_cls())
         pipe.set_progress_bar_config(disable=True)
-        for guidance_scale in (1.0, args.guidance_scale):
+        for guidance_scale in (args.guidance_scale,) if args.only_guided else (1.0, args.guidance_scale):
 
             def sample():
                 return pipe(
@@ -124,6 +136,12 @@ def main(args) -> list:
     seconds, _ = _timed(decode, args.device, args.repeats)
     results.append(dict(sampler="vae_decode", seconds_per_batch=seconds, ms_per_image=1000 * seconds / args.batch))
     print(f"{'decode':<8}{'':>6}{'':>6}{'':>6}{seconds:>10.3f}{1000 * seconds / args.batch:>10.1f}")
+    if args.output_json:
+        info = dict(command=command, device=str(args.device), device_name=device_name, torch=torch.__version__,
+                    preset=args.preset, params_millions=params, resolution=args.resolution, batch=args.batch,
+                    dtype=args.dtype, guidance_high=args.guidance_high, repeats=args.repeats, rows=results)
+        with open(args.output_json, "w") as f:
+            json.dump(info, f, indent=2)
     return results
 
 
