@@ -197,7 +197,11 @@ def main(args: Optional[argparse.Namespace] = None) -> Dict:
     if source.num_examples is not None:
         rank_records = len(range(rank, source.num_examples, world_size))
         total = max((rank_records if rank_limit is None else min(rank_records, rank_limit)) - start, 0)
-    skips = SkipCounter(args.max_skip_fraction, name=f"rank {rank}")
+    # judged from the first read against all of this rank's records when their number is known (see SkipCounter);
+    # a resumed run counts the records of its finished shards as read
+    skips = SkipCounter(args.max_skip_fraction, name=f"rank {rank}",
+                        expected_per_epoch=None if total is None else total + start)
+    skips.num_read = start
     progress = tqdm(total=total, unit="img", desc=f"encoding (rank {rank})", disable=not state.is_main_process)
 
     # 3. Encode shard by shard; a shard covers `shard_size` records (skipped ones included), so resume is exact.
@@ -237,6 +241,7 @@ def main(args: Optional[argparse.Namespace] = None) -> Dict:
         shard_index += 1
         if num_records < args.shard_size:
             break
+    skips.end_of_epoch()  # every record read: the rate is exact, also for streams of unknown size
     progress.close()
     logger.info(
         f"Rank {rank}: {skips.num_read} images read, {skips.num_skipped} undecodable skipped in this run.",

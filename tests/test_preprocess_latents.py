@@ -74,8 +74,16 @@ def _argv(root, out, *extra):
     return [
         "--train_data_dir", str(root / "folder"), "--cache_dir", str(root / "cache"), "--resolution", str(RES),
         "--vae_name_or_path", str(root / "vae"), "--output_dir", str(out), "--batch_size", "2", "--shard_size", "3",
-        "--num_sanity_images", "1", *extra,
+        "--num_sanity_images", "1", "--max_skip_fraction", "0.2", *extra,  # the folder holds 1 corrupt image of 10
     ]  # fmt: skip
+
+
+def test_max_skip_fraction_is_judged_from_the_first_read(setup, script):
+    # 10 records, 1 corrupt: 10 % of the data; a 1 % limit stops at the corrupt file instead of writing latents
+    argv = _argv(setup, setup / "strict", "--max_skip_fraction", "0.01")
+    with pytest.raises(RuntimeError, match="skip"):
+        script.main(script.parse_args(argv))
+    assert not (setup / "strict" / "stats.json").exists()
 
 
 def test_round_trip_and_latent_stream(setup, script, plain_latents, capsys):
