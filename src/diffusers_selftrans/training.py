@@ -3,9 +3,11 @@
 
 - argument groups and `--config file.yaml|json` (same keys as the flags; unknown keys are an error),
 - model / VAE / guiding-model loading and the latent encoding of a batch,
-- checkpoints: `accelerator.save_state` written to a temporary folder and renamed (a kill mid-write never leaves a
-  `checkpoint-N` that cannot load), save/load hooks that write `save_pretrained` folders, pruning, `latest`,
-- the non-finite guard, EMA-model sample grids, and the final pipeline folder with its model card and Hub push.
+- checkpoints: `accelerator.save_state` written to a temporary folder with a manifest written last, then renamed (a
+  kill mid-write never leaves a `checkpoint-N` that looks complete), save/load hooks that write `save_pretrained`
+  folders, pruning, `latest` (the newest complete one), the flags a resume may change, full-disk errors,
+- the non-finite / exploding-loss guard, EMA-model sample grids, and the final pipeline folder with its model card and
+  Hub push.
 
 The training loops themselves live in `examples/train_align.py` and `examples/train_self_transcendence.py`.
 """
@@ -43,9 +45,10 @@ IMAGENET_TRAIN_SIZE = 1_281_167
 # The ST training preview draws 50-step Euler samples at CFG 4.0 (method-notes §3.4).
 DEFAULT_VALIDATION_GUIDANCE = 4.0
 CHECKPOINT_PREFIX = "checkpoint-"
-# The loss guard: a finite loss this many times above the running mean of recent healthy losses is an explosion. A
-# healthy flow-matching loss drifts slowly (per-batch noise stays well within 2x of its running mean at batch >= 4
-# in our runs); the reported divergence went to 2.6e18. An order of magnitude separates the two. `--loss_explosion_factor`.
+# The loss guard: a finite loss this many times above the running mean of recent healthy losses is an explosion.
+# A healthy flow-matching loss falls slowly and, being a mean over the batch and every latent element, its per-batch
+# noise is a fraction of its mean; the reported divergence reached 2.6e18. One order of magnitude is a margin we
+# chose between the two (not a measured threshold): `--loss_explosion_factor` sets it, 0 disables it.
 LOSS_EXPLOSION_FACTOR = 10.0
 # Number of recent healthy losses in that running mean (long enough to smooth batch noise, short enough to follow
 # the loss as it falls during training).
