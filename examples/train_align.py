@@ -168,25 +168,41 @@ def train(args, build_method, *, card_template: str, base_model=None):
     if getattr(method, "requires_teacher", False):  # SRA: the EMA network is the teacher
         ema_teacher = SiTTransformer2DModel.from_config(T.unwrap(accelerator, model).config).to(accelerator.device)
         ema_teacher.eval().requires_grad_(False)
+        ema.copy_to(ema_teacher.parameters())  # the teacher is the EMA from the first step on, not a random network
     T.register_checkpoint_hooks(accelerator, ema)
     transport = Transport(time_sampling=args.time_sampling)
 
     # 4. Resume
     global_step, train_seconds = 0, 0.0  # train_seconds: time in training steps only (no checkpoints, no grids)
-    resume = T.resolve_resume_checkpoint(args)
+    guard = T.NonFiniteGuard(accelerator, args.max_nonfinite_steps, explosion_factor=args.loss_explosion_factor)
+    # a complete checkpoint (manifest), or an error / `--allow_inexact_resume`'s loud warning
+    resume = T.resolve_resume_checkpoint(args, num_processes=accelerator.num_processes)
+    args.resume_history = []
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
+        global_step = T.checkpoint_step(resume)
+        # flags that cannot take effect on a resumed run are refused before anything loads; the others apply below
+        changed = T.compare_resume_args(args, resume)
         accelerator.load_state(str(resume))
         stream.load_state(str(resume))  # every process its own data position
-        global_step = T.checkpoint_step(resume)
+        T.apply_resume_changes(args, optimizer, ema)  # the current flags win over the saved hyperparameters
+        if ema_teacher is not None:
+            ema.copy_to(ema_teacher.parameters())  # SRA's teacher is the loaded EMA, as in an uninterrupted run
+        if (resume / T.GUARD_STATE_NAME).is_file():
+            guard.load_state_dict(json.loads((resume / T.GUARD_STATE_NAME).read_text()))
+            last = guard.last_good_checkpoint  # by name: the run's folder may have moved
+            guard.last_good_checkpoint = None if last is None else resume.parent / last.name
+        else:
+            guard.last_good_checkpoint = resume
+        T.record_resume(args, resume, global_step, changed)
+        if accelerator.is_main_process:
+            T.save_args(args, output_dir / "args.json")  # args.json records the values in effect and the history
     else:
         set_seed(args.seed, device_specific=True)  # on resume, load_state restored every process's RNG instead
     if accelerator.is_main_process and accelerator.trackers == [] and args.report_to != "none":
         config_for_tracker = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name or output_dir.name, config=config_for_tracker)
 
-    guard = T.NonFiniteGuard(accelerator, args.max_nonfinite_steps)
-    guard.last_good_checkpoint = resume
     num_classes = stream.num_classes
     id2label = stream.id2label
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="train",
@@ -255,8 +271,8 @@ def train(args, build_method, *, card_template: str, base_model=None):
             loss_log.write(json.dumps({"step": global_step, **logged}) + "\n")
             loss_log.flush()
         if global_step % args.checkpointing_steps == 0:
-            guard.last_good_checkpoint = T.save_checkpoint(accelerator, output_dir, global_step,
-                                                           args.checkpoints_total_limit, stream=stream)
+            T.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, stream=stream,
+                              args=args, guard=guard)  # the guard notes whether this checkpoint is healthy
         if global_step % args.validation_steps == 0:
             T.save_ema_samples(args, accelerator, model, ema, vae, global_step, num_classes, id2label)
     progress.close()
@@ -274,7 +290,10 @@ def train(args, build_method, *, card_template: str, base_model=None):
                             sample_image=final_grid.name, base_model=base_model,
                             metrics={"final_loss": logged.get("loss"), "steps": global_step,
                                      "nonfinite_skipped": guard.skipped,
-                                     "data_skipped": logged.get("data_skipped")})
+                                     "data_skipped": logged.get("data_skipped"),
+                                     # flags changed on resume: [{step, changed: {flag: [old, new]}}]
+                                     **({"resume_history": json.dumps(args.resume_history)}
+                                        if args.resume_history else {})})
         if args.push_to_hub:
             repo_id = T.push_to_hub(args, output_dir)
             logger.info(f"Pushed to https://huggingface.co/{repo_id}", main_process_only=True)

@@ -3,6 +3,7 @@ Hub push (network boundary patched), config files, checkpoints and the non-finit
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -171,7 +172,7 @@ def test_checkpoints_total_limit_and_latest_ignores_partial_writes(assets):
     assert [p.name for p in T.list_checkpoints(out)] == ["checkpoint-5", "checkpoint-6"]
     # a kill during a save leaves only a .tmp folder: `latest` must never pick it
     (out / "checkpoint-7.tmp").mkdir()
-    (out / "checkpoint-10").mkdir()  # numeric, not string, order
+    shutil.copytree(out / "checkpoint-6", out / "checkpoint-10")  # numeric, not string, order (a complete copy)
     args = train_align.parse_args(flags(assets, out, resume_from_checkpoint="latest"))
     assert T.resolve_resume_checkpoint(args).name == "checkpoint-10"
 

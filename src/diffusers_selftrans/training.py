@@ -3,14 +3,18 @@
 
 - argument groups and `--config file.yaml|json` (same keys as the flags; unknown keys are an error),
 - model / VAE / guiding-model loading and the latent encoding of a batch,
-- checkpoints: `accelerator.save_state` written to a temporary folder and renamed (a kill mid-write never leaves a
-  `checkpoint-N` that cannot load), save/load hooks that write `save_pretrained` folders, pruning, `latest`,
-- the non-finite guard, EMA-model sample grids, and the final pipeline folder with its model card and Hub push.
+- checkpoints: `accelerator.save_state` written to a temporary folder with a manifest written last, then renamed (a
+  kill mid-write never leaves a `checkpoint-N` that looks complete), save/load hooks that write `save_pretrained`
+  folders, pruning, `latest` (the newest complete one), the flags a resume may change, full-disk errors,
+- the non-finite / exploding-loss guard, EMA-model sample grids, and the final pipeline folder with its model card and
+  Hub push.
 
 The training loops themselves live in `examples/train_align.py` and `examples/train_self_transcendence.py`.
 """
 
 import argparse
+import collections
+import errno
 import json
 import logging
 import math
@@ -41,6 +45,14 @@ IMAGENET_TRAIN_SIZE = 1_281_167
 # The ST training preview draws 50-step Euler samples at CFG 4.0 (method-notes §3.4).
 DEFAULT_VALIDATION_GUIDANCE = 4.0
 CHECKPOINT_PREFIX = "checkpoint-"
+# The loss guard: a finite loss this many times above the running mean of recent healthy losses is an explosion.
+# A healthy flow-matching loss falls slowly and, being a mean over the batch and every latent element, its per-batch
+# noise is a fraction of its mean; the reported divergence reached 2.6e18. One order of magnitude is a margin we
+# chose between the two (not a measured threshold): `--loss_explosion_factor` sets it, 0 disables it.
+LOSS_EXPLOSION_FACTOR = 10.0
+# Number of recent healthy losses in that running mean (long enough to smooth batch noise, short enough to follow
+# the loss as it falls during training).
+LOSS_EXPLOSION_WINDOW = 100
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -84,7 +96,10 @@ def add_training_args(parser: argparse.ArgumentParser):
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer.")
     g.add_argument("--max_nonfinite_steps", type=int, default=10,
-                   help="Stop after this many consecutive steps with a NaN/inf loss (each is skipped).")
+                   help="Stop after this many consecutive bad steps (NaN/inf or exploding loss; each is skipped).")
+    g.add_argument("--loss_explosion_factor", type=float, default=LOSS_EXPLOSION_FACTOR,
+                   help="A finite loss above this many times the running mean of recent healthy losses is a bad "
+                        "step too (skipped, counted like NaN). 0 disables the check.")
     g = parser.add_argument_group("logging, checkpoints, samples")
     g.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all, or none.")
     g.add_argument("--logging_dir", type=str, default="logs")
@@ -92,7 +107,11 @@ def add_training_args(parser: argparse.ArgumentParser):
     g.add_argument("--logging_steps", type=int, default=10)
     g.add_argument("--checkpointing_steps", type=int, default=10_000)
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
-    g.add_argument("--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder or "latest".')
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help='A checkpoint folder or "latest" (the newest complete one; damaged ones are skipped).')
+    g.add_argument("--allow_inexact_resume", action="store_true",
+                   help="Resume from a checkpoint whose RNG states are missing or damaged, or that has no manifest "
+                        "(older versions): the run continues but is NOT the same as an uninterrupted one.")
     g.add_argument("--validation_steps", type=int, default=10_000, help="Sample a grid from the EMA model every N steps.")
     g.add_argument("--validation_class_labels", type=int, nargs="*", default=None,
                    help="Classes of the sample grid (default: up to 8 classes spread over the label range).")
@@ -306,7 +325,8 @@ def register_checkpoint_hooks(accelerator, ema=None):
 
 
 def list_checkpoints(output_dir) -> List[Path]:
-    """Complete `checkpoint-N` folders, oldest first (by step number, not by name)."""
+    """`checkpoint-N` folders (complete or not: see `checkpoint_problems`), oldest first (by step number, not by
+    name). A `.tmp` folder left by a kill mid-write is never listed."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
@@ -314,20 +334,109 @@ def list_checkpoints(output_dir) -> List[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def resolve_resume_checkpoint(args) -> Optional[Path]:
+# Written LAST into `checkpoint-N.tmp` (before the rename): the relative path and size of every other file. A
+# checkpoint is complete only when every listed file is there with its size.
+MANIFEST_NAME = "manifest.json"
+# The resolved arguments of the run that wrote the checkpoint (compared on resume) and the loss guard's state.
+CHECKPOINT_ARGS_NAME = "args.json"
+GUARD_STATE_NAME = "guard_state.json"
+# accelerate's per-process RNG files. Without them `load_state` only logs an INFO line and the run goes on with other
+# random draws: a resume that is not exact. Damage there is the only kind `--allow_inexact_resume` accepts.
+RNG_STATE_FILE = re.compile(r"random_states_(\d+)\.pkl")
+
+
+def write_manifest(folder: Path) -> Path:
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+    path = folder / MANIFEST_NAME
+    with open(path, "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def checkpoint_problems(path, num_processes: Optional[int] = None) -> List[tuple]:
+    """What keeps checkpoint `path` from an exact resume, as `(relative file, reason)` pairs; `[]` when complete.
+
+    `num_processes`: also require the RNG state of every process of the resuming run."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return [(MANIFEST_NAME, f"{MANIFEST_NAME} is missing (a checkpoint of a version without manifests: its files "
+                                f"cannot be verified)")]
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return [(MANIFEST_NAME, f"{MANIFEST_NAME} is unreadable")]
+    problems = []
+    for relative, size in files.items():
+        f = path / relative
+        if not f.is_file():
+            problems.append((relative, f"{relative} is missing"))
+        elif f.stat().st_size != size:
+            problems.append((relative, f"{relative} has {f.stat().st_size} bytes, the manifest says {size}"))
+    for rank in range(num_processes or 0):
+        relative = f"random_states_{rank}.pkl"
+        if relative not in files:
+            problems.append((relative, f"{relative} was never written (the checkpoint comes from fewer processes)"))
+    return problems
+
+
+def _inexact_only(problems) -> bool:
+    """Problems `--allow_inexact_resume` may accept: only RNG states, or no manifest (an older checkpoint)."""
+    return all(RNG_STATE_FILE.fullmatch(Path(rel).name) or rel == MANIFEST_NAME for rel, _ in problems)
+
+
+def _describe(path: Path, problems) -> str:
+    return f"{path}: " + "; ".join(reason for _, reason in problems)
+
+
+def _accept_inexact(path: Path, problems):
+    logger.warning(
+        "!!! INEXACT RESUME (--allow_inexact_resume) from %s: %s. The run continues, but it is NOT exact: it will "
+        "not repeat the losses and weights of an uninterrupted run.", path, "; ".join(r for _, r in problems))
+
+
+def resolve_resume_checkpoint(args, num_processes: Optional[int] = None) -> Optional[Path]:
+    """The checkpoint to resume from, or None. `latest` takes the newest complete checkpoint and logs every newer
+    one it skipped and why; an explicitly named damaged checkpoint is an error naming the damaged file. A checkpoint
+    that can only resume inexactly (missing/damaged RNG states, no manifest) needs `--allow_inexact_resume`."""
     if not args.resume_from_checkpoint:
         return None
+    allow_inexact = getattr(args, "allow_inexact_resume", False)
+    hint = (" Pass --allow_inexact_resume to resume anyway from a checkpoint whose only problem is its RNG states or "
+            "a missing manifest (the run is then not exact).")
     if args.resume_from_checkpoint == "latest":
         found = list_checkpoints(args.output_dir)
         if not found:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting from scratch.", args.output_dir)
             return None
-        return found[-1]
+        skipped = []
+        for path in reversed(found):
+            problems = checkpoint_problems(path, num_processes)
+            if problems and allow_inexact and _inexact_only(problems):
+                _accept_inexact(path, problems)
+                problems = []
+            if not problems:
+                for bad, reasons in skipped:
+                    logger.warning("--resume_from_checkpoint latest: skipping damaged %s", _describe(bad, reasons))
+                return path
+            skipped.append((path, problems))
+        inexact = any(_inexact_only(p) for _, p in skipped)
+        raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in {args.output_dir}. "
+                         + " | ".join(_describe(p, r) for p, r in skipped) + "." + (hint if inexact else ""))
     path = Path(args.resume_from_checkpoint)
     if not path.is_dir():
         path = Path(args.output_dir) / args.resume_from_checkpoint
     if not path.is_dir():
         raise ValueError(f"Checkpoint {args.resume_from_checkpoint} does not exist.")
+    problems = checkpoint_problems(path, num_processes)
+    if problems and allow_inexact and _inexact_only(problems):
+        _accept_inexact(path, problems)
+    elif problems:
+        raise ValueError(f"Checkpoint {_describe(path, problems)}." + (hint if _inexact_only(problems) else ""))
     return path
 
 
@@ -335,21 +444,158 @@ def checkpoint_step(path: Path) -> int:
     return int(Path(path).name[len(CHECKPOINT_PREFIX):])
 
 
-def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int] = None, stream=None) -> Path:
+# Flags a resumed run may change, and how each takes effect. Any other difference from the checkpoint's arguments
+# (model shape, alignment method and its layers/weights, seed, data, batch size, precision, ...) is refused: the
+# saved state would silently win, or the run would no longer be the one its args.json and model card describe.
+RESUME_CHANGEABLE_FLAGS = {
+    "learning_rate": "set on the optimizer's param groups after loading",
+    "adam_beta1": "set on the optimizer's param groups after loading",
+    "adam_beta2": "set on the optimizer's param groups after loading",
+    "adam_weight_decay": "set on the optimizer's param groups after loading",
+    "adam_epsilon": "set on the optimizer's param groups after loading",
+    "ema_decay": "set on the EMA model after loading",
+    "max_grad_norm": "read every step",
+    "max_train_steps": "read every step",
+    "num_train_epochs": "only resolves --max_train_steps",
+    "max_nonfinite_steps": "the guard is built after loading",
+    "loss_explosion_factor": "the guard is built after loading",
+    "logging_steps": "cadence, read every step",
+    "checkpointing_steps": "cadence, read every step",
+    "checkpoints_total_limit": "read at every save",
+    "validation_steps": "cadence, read every step",
+    "validation_class_labels": "preview grids only",
+    "validation_num_inference_steps": "preview grids only",
+    "validation_guidance_scale": "preview grids only",
+    "report_to": "logging only", "logging_dir": "logging only", "tracker_project_name": "logging only",
+    "progress": "logging only",
+    "push_to_hub": "export only", "hub_model_id": "export only", "hub_private": "export only",
+    "save_remote_code": "export only",
+    "output_dir": "the run's folder may move", "cache_dir": "where `datasets` caches, not what it reads",
+    "gradient_checkpointing": "speed and memory; the same math",
+    "torch_compile": "speed; the same math",
+    "allow_tf32": "matmul precision on GPUs, set at start",
+}
+# Never compared: the invocation itself.
+RESUME_BOOKKEEPING_KEYS = ("launch_command", "resume_from_checkpoint", "config", "allow_inexact_resume",
+                           "resume_history")
+
+
+def compare_resume_args(args, checkpoint: Path) -> Dict[str, list]:
+    """`{flag: [checkpoint value, current value]}` for the flags that differ from the checkpoint's `args.json` and
+    may change (`RESUME_CHANGEABLE_FLAGS`; the caller applies them); a ValueError naming both values for any other."""
+    saved_path = Path(checkpoint) / CHECKPOINT_ARGS_NAME
+    if not saved_path.is_file():  # only reachable through --allow_inexact_resume (no manifest: an older version)
+        logger.warning("%s has no %s: the flags of this run cannot be compared with the checkpoint's.",
+                       checkpoint, CHECKPOINT_ARGS_NAME)
+        return {}
+    saved = json.loads(saved_path.read_text())
+    current = json.loads(json.dumps(vars(args), default=str))  # the same normalisation as `save_args`
+    absent = "(absent)"
+    changed = {}
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUME_BOOKKEEPING_KEYS or "--" + key in SECRET_FLAGS:
+            continue
+        old, new = saved.get(key, absent), current.get(key, absent)
+        if old != new:
+            changed[key] = [old, new]
+    refused = {k: v for k, v in changed.items() if k not in RESUME_CHANGEABLE_FLAGS}
+    if refused:
+        raise ValueError(
+            "Cannot resume with changed settings that cannot take effect on a resumed run: "
+            + "; ".join(f"--{k}: {old} in {saved_path}, now {new}" for k, (old, new) in refused.items())
+            + ". Resume with the checkpoint's values, or start a new run in another --output_dir."
+        )
+    return changed
+
+
+def apply_resume_changes(args, optimizer, ema) -> None:
+    """After `load_state`: the current flags, not the saved state, set the optimizer and EMA hyperparameters."""
+    for group in optimizer.param_groups:
+        group.update(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                     weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    ema.decay = ema.min_decay = args.ema_decay
+
+
+def record_resume(args, checkpoint: Path, step: int, changed: Dict[str, list]) -> List[dict]:
+    """Set `args.resume_history`: the checkpoint's history plus `{step, changed}` when flags changed now."""
+    saved_path = Path(checkpoint) / CHECKPOINT_ARGS_NAME
+    history = json.loads(saved_path.read_text()).get("resume_history", []) if saved_path.is_file() else []
+    if changed:
+        history = history + [{"step": step, "changed": changed}]
+        logger.warning("Resumed at step %d with changed flags: %s", step,
+                       ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changed.items()))
+    args.resume_history = history
+    return history
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; its partial `.tmp` folder was removed."""
+
+
+# Torch's writer reports a full disk as `basic_ios::clear: iostream error`, without an errno. A filesystem left with
+# less free space than this right after a failed write (before the partial files are removed) was filled by it.
+DISK_FULL_FREE_BYTES = 16 * 2**20
+
+
+def newest_complete_checkpoint(output_dir) -> Optional[Path]:
+    for path in reversed(list_checkpoints(output_dir)):
+        if not checkpoint_problems(path):
+            return path
+    return None
+
+
+def _checkpoint_write_error(output_dir, tmp: Path, step: int, error: BaseException) -> CheckpointWriteError:
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < DISK_FULL_FREE_BYTES)
+    shutil.rmtree(tmp, ignore_errors=True)
+    intact = newest_complete_checkpoint(output_dir)
+    cause = (f"The device holding {output_dir} is full ({free} bytes free)" if full
+             else f"Writing failed ({type(error).__name__}: {error})")
+    return CheckpointWriteError(
+        f"{cause} while writing {CHECKPOINT_PREFIX}{step}; the partial {tmp} was removed. "
+        + (f"The newest intact checkpoint is {intact}. " if intact else "No intact checkpoint exists yet. ")
+        + ("Free some space, then " if full else "Fix the cause, then ")
+        + "rerun the same command with --resume_from_checkpoint latest."
+    )
+
+
+def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int] = None, stream=None, args=None,
+                    guard=None) -> Path:
     """`accelerator.save_state` into `checkpoint-N.tmp`, then an atomic rename to `checkpoint-N`; prune old ones.
 
-    `stream` (a `TrainDataStream`) writes each process's data position into the same folder before the rename.
+    `stream` (a `TrainDataStream`) writes each process's data position into the same folder, `args` the resolved
+    arguments (`args.json`, compared on resume) and `guard` (a `NonFiniteGuard`) its state, which also records
+    whether this checkpoint is healthy. `manifest.json` is written last, then the folder is renamed. A failed write
+    (full disk, ...) removes the `.tmp` folder and raises a `CheckpointWriteError` that says how to resume.
     """
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     tmp = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if stream is not None:
-        stream.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+        if stream is not None:
+            stream.save_state(str(tmp))
+        if accelerator.is_main_process:
+            if args is not None:
+                save_args(args, tmp / CHECKPOINT_ARGS_NAME)
+            if guard is not None:
+                guard.checkpoint_saved(final)
+                (tmp / GUARD_STATE_NAME).write_text(json.dumps(guard.state_dict()))
+    except (OSError, RuntimeError) as error:
+        raise _checkpoint_write_error(output_dir, tmp, step, error) from error
+    if guard is not None and not accelerator.is_main_process:
+        guard.checkpoint_saved(final)  # every process keeps the same guard state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        try:
+            write_manifest(tmp)
+        except OSError as error:
+            raise _checkpoint_write_error(output_dir, tmp, step, error) from error
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if total_limit is not None:
@@ -383,32 +629,70 @@ def rewind_loss_log(path: Path, step: int) -> float:
 
 
 class NonFiniteGuard:
-    """Skip steps whose loss is NaN/inf on any process; stop after `max_consecutive` of them in a row."""
+    """Skip steps whose loss is bad on any process, NaN/inf or exploding (above `explosion_factor` x the running mean
+    of the last `window` healthy losses; None/0 disables that part); stop after `max_consecutive` bad steps in a row,
+    naming the last checkpoint saved with only healthy steps since the previous save."""
 
-    def __init__(self, accelerator, max_consecutive: int):
+    def __init__(self, accelerator, max_consecutive: int, explosion_factor: Optional[float] = LOSS_EXPLOSION_FACTOR,
+                 window: int = LOSS_EXPLOSION_WINDOW):
         self.accelerator = accelerator
         self.max_consecutive = max_consecutive
+        self.explosion_factor = explosion_factor if explosion_factor and explosion_factor > 0 else None
+        self.recent = collections.deque(maxlen=window)  # recent healthy losses (mean over processes)
         self.skipped = 0
         self.consecutive = 0
+        self.bad_since_save = False
         self.last_good_checkpoint: Optional[Path] = None
 
     def check(self, loss: torch.Tensor) -> bool:
-        """True if every process has a finite loss. Collective: call it on all processes."""
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        finite = bool(self.accelerator.gather(finite).min() > 0)
-        if finite:
+        """True if the step is healthy on every process. Collective: call it on all processes; one host sync, the
+        gathered losses (every process then takes the same decision from the same numbers)."""
+        losses = self.accelerator.gather(loss.detach().float().reshape(1)).cpu()
+        reason = None
+        if not bool(torch.isfinite(losses).all()):
+            reason = "Non-finite loss"
+        else:
+            value = float(losses.mean())
+            if self.explosion_factor is not None and self.recent:
+                running = sum(self.recent) / len(self.recent)
+                if value > self.explosion_factor * running:
+                    reason = f"Exploding loss {value:.4g} (> {self.explosion_factor:g} x running mean {running:.4g})"
+        if reason is None:
+            self.recent.append(value)
             self.consecutive = 0
             return True
         self.skipped += 1
         self.consecutive += 1
-        logger.warning("Non-finite loss: step skipped (%d skipped in total).", self.skipped)
+        self.bad_since_save = True
+        logger.warning("%s: step skipped (%d skipped in total).", reason, self.skipped)
         if self.consecutive >= self.max_consecutive:
             where = self.last_good_checkpoint or "none saved yet"
             raise RuntimeError(
-                f"{self.consecutive} consecutive steps had a non-finite loss; stopping. "
+                f"{self.consecutive} consecutive steps had a non-finite or exploding loss; stopping. "
                 f"Last good checkpoint: {where}"
             )
         return False
+
+    def checkpoint_saved(self, path: Path) -> bool:
+        """Record a checkpoint: healthy (and the new last good one) if no bad step happened since the last save."""
+        healthy = not self.bad_since_save
+        if healthy:
+            self.last_good_checkpoint = Path(path)
+        self.bad_since_save = False
+        return healthy
+
+    def state_dict(self) -> dict:
+        return {"recent": list(self.recent), "skipped": self.skipped, "consecutive": self.consecutive,
+                "bad_since_save": self.bad_since_save,
+                "last_good_checkpoint": None if self.last_good_checkpoint is None else str(self.last_good_checkpoint)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent.clear()
+        self.recent.extend(float(v) for v in state["recent"])
+        self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+        self.bad_since_save = bool(state["bad_since_save"])
+        last = state.get("last_good_checkpoint")
+        self.last_good_checkpoint = Path(last) if last else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
