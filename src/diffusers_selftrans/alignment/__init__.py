@@ -51,12 +51,13 @@ from .common import (
     AlignmentMethod,
     NoAlignment,
     default_layers,
+    default_t2i_options,
     reduce_over_batch,
 )
 from .dispersive import DispersiveAlignment, dispersive_infonce_l2
 from .layersync import LayerSyncAlignment
 from .repa import REPAAlignment, load_encoder
-from .self_transcendence import SelfTranscendence
+from .self_transcendence import ClassConditionalGuide, PromptConditionalGuide, SelfTranscendence
 from .sra import SimpleHead, SRAAlignment
 from .vae_align import VAEAlignment
 
@@ -98,9 +99,11 @@ __all__ = [
     "DEFAULT_T_RANGE",
     "T_RANGE_MODES",
     "AlignmentMethod",
+    "ClassConditionalGuide",
     "DispersiveAlignment",
     "LayerSyncAlignment",
     "NoAlignment",
+    "PromptConditionalGuide",
     "REPAAlignment",
     "SRAAlignment",
     "SelfTranscendence",
@@ -109,6 +112,7 @@ __all__ = [
     "accepted_options",
     "build_alignment",
     "default_layers",
+    "default_t2i_options",
     "dispersive_infonce_l2",
     "load_encoder",
     "reduce_over_batch",

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.block_features import describe_transformer
 from ..models.projector import AlignmentProjector
 from ..models.transformer_sit import SiTTransformer2DModel
 
@@ -43,6 +44,20 @@ SRA_REFERENCE = (4, 8, 12)
 # LayerSync README (SiT-XL/2, 28 blocks): `--encoder-depth 8 --gt-encoder-depth 16`; scaled by depth elsewhere.
 LAYERSYNC_REFERENCE = (8, 16, 28)
 # Dispersive loss: the `whaletech-ai/Disperse-Loss` fork applies it to `act[-1]`, the last block [unverified default].
+
+# --- Text-to-image defaults (released T2I setting: an SD3-style MM-DiT of 24 blocks on MS-COCO) ----------------------
+# `train_t2i_vaeloss.sh --encoder-depth=4`: block 4 of 24, i.e. the same n/6 rule as `VAE_ALIGN_REFERENCE`.
+T2I_VAE_ALIGN_REFERENCE = (4, 24)
+# `train_t2i_self_trans.sh --stu-depth=12 --tea-depth=16` of 24 blocks: n/2 and 2n/3, the SiT rule above.
+T2I_SELF_TRANSCENDENCE_REFERENCE = (12, 16, 24)
+# `train_t2i_self_trans.sh --cfg_guide=5.0` (SiT uses 30).
+T2I_GUIDANCE_SCALE = 5.0
+# Both T2I scripts pass no `--t-range`: the losses apply at every t.
+T2I_T_RANGE = None
+# Issue 16 (released T2I setting): the guide stops after 50K steps.
+T2I_GUIDE_STOP_STEP = 50_000
+# `--proj-coeff=0.5` in both T2I scripts (as for SiT).
+T2I_WEIGHT = 0.5
 
 
 def _round_half_up(x: float) -> int:
@@ -95,6 +110,20 @@ def default_layers(method: str, num_layers: int) -> Dict[str, int]:
     return {"layer": n}  # dispersive
 
 
+def default_t2i_options(method: str, num_layers: int) -> Dict[str, Any]:
+    """The released T2I setting as `build_alignment` options for a `num_layers`-block diffusers transformer.
+
+    vae_align: block n/6 (4 of 24), no t_range, weight 0.5; self_transcendence: guided n/2 <- guiding 2n/3
+    (12 <- 16 of 24), w = 5, no t_range, weight 0.5, guide stop after 50K steps.
+    """
+    if method == "vae_align":
+        return {**default_layers(method, num_layers), "t_range": T2I_T_RANGE, "weight": T2I_WEIGHT}
+    if method == "self_transcendence":
+        return {**default_layers(method, num_layers), "guidance_scale": T2I_GUIDANCE_SCALE, "t_range": T2I_T_RANGE,
+                "weight": T2I_WEIGHT, "guide_stop_step": T2I_GUIDE_STOP_STEP}
+    raise ValueError(f"No T2I defaults for {method!r}; expected 'vae_align' or 'self_transcendence'.")
+
+
 # --- Config handling -----------------------------------------------------------------------------------------------
 _SIT_DEFAULTS = {
     name: p.default
@@ -116,6 +145,17 @@ def resolve_sit_config(model_config: Any) -> Dict[str, Any]:
     resolved["num_tokens"] = (resolved["sample_size"] // resolved["patch_size"]) ** 2
     resolved["out_channels"] = resolved["out_channels"] or resolved["in_channels"]
     return resolved
+
+
+def resolve_model_config(model_config: Any) -> Dict[str, Any]:
+    """Sizes of a student/teacher for the heads: `resolve_sit_config` for SiT configs and models (unchanged), and
+    `describe_transformer` for diffusers transformer INSTANCES (SD3, Flux, PixArt, Sana, DiT): `family`,
+    `num_layers`, `hidden_size`, `patch_size`, `in_channels`, `sample_size`, `num_tokens` (None when not fixed)."""
+    if isinstance(model_config, nn.Module) and not isinstance(
+        getattr(model_config, "_orig_mod", model_config), SiTTransformer2DModel
+    ):
+        return describe_transformer(model_config)
+    return {**resolve_sit_config(model_config), "family": "sit"}
 
 
 def uses_lightningdit_options(config: Mapping[str, Any]) -> bool:

@@ -9,6 +9,13 @@ then over the batch, restricted to `t_range`).
 
 Early stop (paper §4.1/§4.4, code `--stop-epoch` compared with the global step): from `guide_stop_step` on the method
 is inactive, its teacher is never run again and is released, and the projector is frozen.
+
+The loss is written once; only the teacher call is pluggable (`self.guide`, built from the teacher's type):
+- `ClassConditionalGuide` (our SiT): labels `[y, null class]` (exactly the released class-conditional code);
+- `PromptConditionalGuide` (diffusers transformers through `BlockFeatures`: SD3, Flux, PixArt, Sana, DiT): each
+  conditioning keyword (`encoder_hidden_states`, `pooled_projections`, `encoder_attention_mask`, `class_labels`, ...)
+  becomes `[caption's, empty prompt's broadcast to the batch]` (released T2I code: `empty_context.npy`), the time is
+  converted with `model_timestep`, and the pass exits after the guiding block.
 """
 
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -16,6 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..models.block_features import BlockFeatures, model_timestep
 from ..models.projector import DEFAULT_PROJECTOR_DIM, AlignmentProjector
 from .common import (
     DEFAULT_T_RANGE,
@@ -30,8 +38,9 @@ from .common import (
     get_feature,
     make_projector,
     module_device_dtype,
+    T2I_GUIDANCE_SCALE,
     reduce_over_batch,
-    resolve_sit_config,
+    resolve_model_config,
     uses_lightningdit_options,
 )
 
@@ -63,19 +72,97 @@ def check_same_classes(student_id2label: Optional[Mapping], teacher_id2label: Op
     )
 
 
+class ClassConditionalGuide:
+    """The SiT teacher call: one pass over `[x_t, x_t]` with labels `[y, null]`, exiting after the guiding block."""
+
+    def __init__(self, null_class: int):
+        self.null_class = null_class
+
+    def check(self, *, class_labels: Optional[torch.Tensor] = None, **unused) -> None:
+        if class_labels is None:
+            raise ValueError("self_transcendence needs x_t, t and class_labels (the true, undropped labels).")
+        # checked where reading the labels costs no host sync (CPU); see SiTTransformer2DModel.forward
+        if class_labels.device.type == "cpu" and class_labels.numel() and int(class_labels.max()) >= self.null_class:
+            raise ValueError(f"class_labels contain the null class {self.null_class}; pass the true labels (the "
+                             "student's dropout goes through force_drop_ids, the teacher's branch is never dropped).")
+
+    def __call__(self, teacher: nn.Module, x_t2: torch.Tensor, t2: torch.Tensor, layer: int, *,
+                 class_labels: torch.Tensor, **unused) -> torch.Tensor:
+        labels = torch.cat([class_labels, torch.full_like(class_labels, self.null_class)])
+        return teacher(x_t2, t2, labels, stop_at_layer=layer).hidden_states[layer]
+
+    def close(self) -> None:
+        pass
+
+
+def _broadcast_null(name: str, cond: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    """The empty prompt's tensor (batch 1, or unbatched) expanded to the caption tensor's shape, or a clear error."""
+    null = null.to(device=cond.device, dtype=cond.dtype)
+    if null.ndim == cond.ndim - 1:
+        null = null.unsqueeze(0)
+    if null.ndim != cond.ndim or null.shape[0] != 1 or null.shape[1:] != cond.shape[1:]:
+        raise ValueError(f"The empty prompt's {name} has shape {tuple(null.shape)}; it must be (1, *{tuple(cond.shape[1:])}) "
+                         f"to broadcast to the caption's {tuple(cond.shape)} (pad both to the same length).")
+    return null.expand_as(cond)
+
+
+class PromptConditionalGuide:
+    """The diffusers teacher call (through `BlockFeatures`): conditional = the caption's conditioning, unconditional
+    = `null_conditioning` (the empty prompt's, batch 1) broadcast to the batch, same x_t and t, ONE batched pass
+    `[cond, uncond]`, early exit after the guiding block.
+
+    Per call: `conditioning` (dict of batched tensors, the keys of `null_conditioning`), optionally `shared_kwargs`
+    (batched tensors the same in both halves, e.g. Flux `guidance`) and `model_kwargs` (passed unchanged, e.g. Flux
+    `img_ids`/`txt_ids`, PixArt `added_cond_kwargs`).
+    """
+
+    def __init__(self, teacher: nn.Module, null_conditioning: Mapping[str, torch.Tensor]):
+        if not null_conditioning:
+            raise ValueError("A diffusers guiding model needs `null_conditioning`: the empty prompt's conditioning "
+                             "(e.g. {'encoder_hidden_states': ..., 'pooled_projections': ...}, batch 1).")
+        self.null_conditioning = {k: torch.as_tensor(v) for k, v in null_conditioning.items()}
+        self.features = BlockFeatures(teacher)
+        self.teacher = teacher
+
+    def check(self, *, conditioning: Optional[Mapping[str, torch.Tensor]] = None, **unused) -> None:
+        if conditioning is None:
+            raise ValueError("self_transcendence with a diffusers guiding model needs x_t, t and `conditioning` "
+                             "(the caption's encoder_hidden_states, pooled_projections, ...).")
+        if set(conditioning) != set(self.null_conditioning):
+            raise ValueError(f"conditioning has keys {sorted(conditioning)} but the empty prompt's "
+                             f"null_conditioning has {sorted(self.null_conditioning)}; they must match.")
+
+    def __call__(self, teacher: nn.Module, x_t2: torch.Tensor, t2: torch.Tensor, layer: int, *,
+                 conditioning: Mapping[str, torch.Tensor], shared_kwargs: Optional[Mapping[str, torch.Tensor]] = None,
+                 model_kwargs: Optional[Mapping[str, Any]] = None, **unused) -> torch.Tensor:
+        kwargs = dict(model_kwargs or {})
+        for name, cond in conditioning.items():
+            kwargs[name] = torch.cat([cond, _broadcast_null(name, cond, self.null_conditioning[name])])
+        for name, value in (shared_kwargs or {}).items():
+            kwargs[name] = torch.cat([value, value])
+        timestep = model_timestep(teacher, t2)
+        return self.features(x_t2, timestep=timestep, stop_at_layer=layer, **kwargs).hidden_states[layer]
+
+    def close(self) -> None:
+        self.features.close()
+        self.features = self.teacher = None
+
+
 class SelfTranscendence(AlignmentMethod):
     r"""
     Stage-2 self-guided representation alignment. Term: `"guide"`.
 
     Args:
-        model_config: the student SiT's config (or the model).
-        teacher (`SiTTransformer2DModel`): the guiding model, loaded by the caller (stage-1 `model` weights). It is
+        model_config: the student SiT's config (or the model), or a diffusers transformer instance (then `teacher`
+            is one of the same class; T2I defaults: `default_t2i_options("self_transcendence", n)`).
+        teacher (`SiTTransformer2DModel` or a diffusers transformer): the guiding model, loaded by the caller
+            (stage-1 `model` weights; the T2I release loads the EMA). It is
             put in `eval()`, frozen and optionally cast to `teacher_dtype`. It is NOT a submodule: it stays out of
             `parameters()`, `state_dict()`, `train()`/`eval()` and DDP, and follows the data's device on first use.
         guided_layer, guiding_layer (`int`, *optional*): student / teacher blocks; defaults n/2 and 2n/3 of the
             respective depths (`default_layers`; XL guiding = 19).
         guidance_scale (`float`, *optional*): w; default 30, or 10 when the student uses any LightningDiT option
-            (`norm_type="rms_norm"`, `mlp_type="swiglu"` or `use_rope=True`).
+            (`norm_type="rms_norm"`, `mlp_type="swiglu"` or `use_rope=True`), or 5 for a diffusers (T2I) student.
         weight (`float`, defaults to 0.5): λ_guide.
         t_range, t_range_mode: as in `VAEAlignment` (defaults `(0.4, 0.7)`, `"code_compat"`).
         guide_stop_step (`int`, *optional*): first global step without the guide loss (B: 20 epochs, L/XL: 10).
@@ -88,9 +175,12 @@ class SelfTranscendence(AlignmentMethod):
         projector_dim (`int`, defaults to 2048), projector (`AlignmentProjector`, *optional*): as in `VAEAlignment`.
         classes_correspond (`bool`, defaults to False): accept a teacher whose `id2label` names other classes than
             the student's (same count): its class k is then taken to mean the student's class k.
+        null_conditioning (`dict`, *optional*): diffusers teacher only, required there: the empty prompt's
+            conditioning keywords (batch 1), broadcast to the batch as the unconditional branch.
 
-    Per call: `features` with block `guided_layer`, `x_t`, `t`, `class_labels` (the TRUE labels, never the dropped
-    ones), `step` (global step, for the early stop).
+    Per call: `features` with block `guided_layer`, `x_t`, `t`, `step` (global step, for the early stop), and
+    SiT: `class_labels` (the TRUE labels, never the dropped ones); diffusers: `conditioning` (the caption's,
+    never dropped), optionally `shared_kwargs` and `model_kwargs` (see `PromptConditionalGuide`).
     """
 
     name = "self_transcendence"
@@ -114,27 +204,35 @@ class SelfTranscendence(AlignmentMethod):
         projector_dim: int = DEFAULT_PROJECTOR_DIM,
         projector: Optional[AlignmentProjector] = None,
         classes_correspond: bool = False,
+        null_conditioning: Optional[Mapping[str, torch.Tensor]] = None,
     ):
         super().__init__()
-        student = resolve_sit_config(model_config)
+        student = resolve_model_config(model_config)
         if teacher is None or not hasattr(teacher, "config"):
             raise ValueError("self_transcendence needs the guiding model (a SiTTransformer2DModel) as `teacher`.")
-        tea = resolve_sit_config(teacher.config)
+        sit = student["family"] == "sit"
+        tea = resolve_model_config(teacher.config if sit else teacher)
+        if tea["family"] != student["family"]:
+            raise ValueError(f"The guiding model is a {tea['family']} transformer but the student is a "
+                             f"{student['family']} one; stage 2 guides a model with its own architecture's features.")
 
         # 1. Shapes: the teacher sees the student's x_t, and the projector maps student tokens to teacher tokens.
-        for key in ("in_channels", "sample_size"):
+        for key in ("in_channels", "sample_size") if sit else ("in_channels", "sample_size", "patch_size"):
             if tea[key] != student[key]:
                 raise ValueError(f"The teacher's {key} ({tea[key]}) differs from the student's ({student[key]}); "
                                  "it must take the student's x_t unchanged.")
         if tea["num_tokens"] != student["num_tokens"]:
             raise ValueError(f"Token counts differ: student {student['num_tokens']} vs teacher {tea['num_tokens']} "
                              f"(patch sizes {student['patch_size']} vs {tea['patch_size']}).")
-        if tea["num_classes"] != student["num_classes"]:
-            raise ValueError(f"num_classes differ: student {student['num_classes']} vs teacher {tea['num_classes']}.")
-        if not classes_correspond:
-            check_same_classes(student["id2label"], tea["id2label"])
-        if not tea["class_dropout_prob"] > 0:
-            raise ValueError("The teacher has no null class (class_dropout_prob == 0), so f_u cannot be computed.")
+        if sit:
+            if tea["num_classes"] != student["num_classes"]:
+                raise ValueError(f"num_classes differ: student {student['num_classes']} vs teacher {tea['num_classes']}.")
+            if not classes_correspond:
+                check_same_classes(student["id2label"], tea["id2label"])
+            if not tea["class_dropout_prob"] > 0:
+                raise ValueError("The teacher has no null class (class_dropout_prob == 0), so f_u cannot be computed.")
+            if null_conditioning is not None:
+                raise ValueError("null_conditioning is for diffusers guiding models; a SiT teacher uses its null class.")
         defaults_s = default_layers(self.name, student["num_layers"])
         defaults_t = default_layers(self.name, tea["num_layers"])
         self.guided_layer = check_layer(
@@ -146,7 +244,9 @@ class SelfTranscendence(AlignmentMethod):
             raise ValueError(f"guide_stop_step must be >= 0 or None, got {guide_stop_step}.")
 
         # 2. Hyper-parameters.
-        if guidance_scale is None:
+        if guidance_scale is None and not sit:
+            guidance_scale = T2I_GUIDANCE_SCALE
+        elif guidance_scale is None:
             lightning = uses_lightningdit_options(student)
             guidance_scale = GUIDANCE_SCALE_LIGHTNINGDIT if lightning else GUIDANCE_SCALE_SIT
         self.guidance_scale = float(guidance_scale)
@@ -156,12 +256,14 @@ class SelfTranscendence(AlignmentMethod):
         if teacher_autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"teacher_autocast must be None, torch.bfloat16 or torch.float16, got {teacher_autocast}.")
         self.teacher_autocast = teacher_autocast
-        self.null_class = tea["num_classes"]
+        self.null_class = tea["num_classes"] if sit else None
         self.weights = {self.term: float(weight)}
 
-        # 3. Parts: trainable projector (a submodule), frozen teacher (held outside the module tree).
+        # 3. Parts: trainable projector (a submodule), frozen teacher (held outside the module tree) and its call.
         self.projector = make_projector(projector, student["hidden_size"], tea["hidden_size"], projector_dim)
         self._hold_frozen("teacher", freeze(teacher, teacher_dtype))
+        guide = ClassConditionalGuide(self.null_class) if sit else PromptConditionalGuide(teacher, null_conditioning)
+        self._hold_frozen("guide", guide)
         self.stopped = False
         self.teacher_forwards = 0
 
@@ -187,10 +289,15 @@ class SelfTranscendence(AlignmentMethod):
         self.stopped = True
         self.projector.requires_grad_(False)
         self._hold_frozen("teacher", None)  # drop our reference so its memory can be freed
+        if self.guide is not None:
+            self.guide.close()  # a diffusers teacher's hooks and the adapter's reference go too
 
     @torch.no_grad()
-    def guiding_features(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        """f_g = f_u + w (f_c - f_u) in fp32, from ONE teacher pass over [x_t, x_t] with labels [y, null]."""
+    def guiding_features(
+        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None, **conditioning
+    ) -> torch.Tensor:
+        """f_g = f_u + w (f_c - f_u) in fp32, from ONE teacher pass over [x_t, x_t] with conditions [cond, uncond]
+        (SiT: labels [y, null]; diffusers: `conditioning=` [caption, empty prompt], see `PromptConditionalGuide`)."""
         if self.teacher is None:
             raise RuntimeError("The guide phase has stopped; the teacher was released.")
         n = x_t.shape[0]
@@ -198,13 +305,11 @@ class SelfTranscendence(AlignmentMethod):
         _, dtype = module_device_dtype(self.teacher)
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
         t = t.expand(n) if t.ndim == 0 else t.reshape(n)
-        labels = torch.cat([class_labels, torch.full_like(class_labels, self.null_class)])
         with frozen_forward_context(x_t.device, dtype, self.teacher_autocast):
-            out = self.teacher(
-                torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), labels, stop_at_layer=self.guiding_layer
-            )
+            features = self.guide(self.teacher, torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]),
+                                  self.guiding_layer, class_labels=class_labels, **conditioning)
         self.teacher_forwards += 1
-        f_c, f_u = out.hidden_states[self.guiding_layer].float().chunk(2)
+        f_c, f_u = features.float().chunk(2)
         return f_u + self.guidance_scale * (f_c - f_u)
 
     def forward(
@@ -214,18 +319,21 @@ class SelfTranscendence(AlignmentMethod):
         x_t: Optional[torch.Tensor] = None,
         t: Optional[torch.Tensor] = None,
         class_labels: Optional[torch.Tensor] = None,
+        conditioning: Optional[Mapping[str, torch.Tensor]] = None,
+        shared_kwargs: Optional[Mapping[str, torch.Tensor]] = None,
+        model_kwargs: Optional[Mapping[str, Any]] = None,
         step: Optional[int] = None,
         **unused,
     ) -> Dict[str, torch.Tensor]:
         if not self.is_active(step):
             return {}
-        if x_t is None or t is None or class_labels is None:
-            raise ValueError("self_transcendence needs x_t, t and class_labels (the true, undropped labels).")
-        # checked where reading the labels costs no host sync (CPU); see SiTTransformer2DModel.forward
-        if class_labels.device.type == "cpu" and class_labels.numel() and int(class_labels.max()) >= self.null_class:
-            raise ValueError(f"class_labels contain the null class {self.null_class}; pass the true labels (the "
-                             "student's dropout goes through force_drop_ids, the teacher's branch is never dropped).")
-        target = self.guiding_features(x_t, t, class_labels)
+        if x_t is None or t is None:
+            self.guide.check()  # the guide's own message names what its teacher call needs
+            raise ValueError("self_transcendence needs x_t and t.")
+        self.guide.check(class_labels=class_labels, conditioning=conditioning)
+        extra = {} if conditioning is None else dict(
+            conditioning=conditioning, shared_kwargs=shared_kwargs, model_kwargs=model_kwargs)
+        target = self.guiding_features(x_t, t, class_labels, **extra)
         prediction = self.projector(get_feature(features, self.guided_layer, self.name).float()).float()
         if prediction.shape != target.shape:
             raise ValueError(f"Projected student features {tuple(prediction.shape)} vs guiding features "

@@ -25,7 +25,7 @@ from .common import (
     get_feature,
     make_projector,
     reduce_over_batch,
-    resolve_sit_config,
+    resolve_model_config,
 )
 
 ALIGN_TARGETS = ("velocity", "x0")
@@ -38,7 +38,8 @@ class VAEAlignment(AlignmentMethod):
     Stage-1 alignment of block `layer` to the latent target. Term: `"vae_align"`.
 
     Args:
-        model_config: the student SiT's config (or the model).
+        model_config: the student SiT's config (or the model), or a diffusers transformer instance (SD3, PixArt,
+            Sana, DiT; features from `BlockFeatures`). T2I defaults: `default_t2i_options("vae_align", n)`.
         layer (`int`, *optional*): 1-based block; default `default_layers("vae_align", num_layers)` (B: 2).
         align_target (`str`, defaults to `"velocity"`): `"velocity"` (released code) or `"x0"` (paper Eq. 1).
         weight (`float`, defaults to 0.5): λ (`--proj-coeff`).
@@ -66,7 +67,10 @@ class VAEAlignment(AlignmentMethod):
         projector: Optional[AlignmentProjector] = None,
     ):
         super().__init__()
-        cfg = resolve_sit_config(model_config)
+        cfg = resolve_model_config(model_config)
+        if cfg["family"] == "flux":
+            raise ValueError("vae_align unpatchifies its head onto the latent grid; Flux's packed 2x2 tokens are not "
+                             "supported (SiT, SD3, PixArt, Sana and DiT are).")
         if align_target not in ALIGN_TARGETS:
             raise ValueError(f"Unknown align_target {align_target!r}; expected one of {ALIGN_TARGETS}.")
         self.layer = check_layer(
