@@ -291,7 +291,7 @@ def test_missing_inception_weights_error_names_the_path(tmp_path, monkeypatch):
     # weights present but torch-fidelity absent: a clear ImportError naming the extra
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"")
-    monkeypatch.setattr(evaluation, "_torch_fidelity_available", lambda: False)
+    monkeypatch.setattr(evaluation.metrics, "_torch_fidelity_available", lambda: False)
     with pytest.raises(ImportError, match=r"diffusers-selftrans\[metrics\]"):
         compute_fid(images, images, inception_weights=str(weights))
 
