@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     package_dir={"": "src"},
-    # model_cards/ holds the card templates read at run time (training.render_model_card): listed as a (data-only)
+    # model_cards/ holds the card templates read at run time (hub.render_model_card): listed as a (data-only)
     # package so the wheel carries them, not only the source tree
     packages=find_packages("src") + ["diffusers_selftrans.model_cards"],
     include_package_data=True,
