@@ -27,11 +27,8 @@ def render_model_card(output_dir: Union[str, os.PathLike], *, template: str, hyp
                       repo_id: str, dataset: Optional[str] = None, data_description: Optional[str] = None,
                       metrics: Optional[dict] = None, sample_image: Optional[str] = None,
                       base_model: Optional[str] = None, extra: Optional[dict] = None):
-    """Render the package's `model_cards/<template>` into `output_dir/README.md` with Hub front matter.
-
-    `dataset` is a Hub dataset id (front matter and text); `data_description` names other data in the text (e.g. "local
-    image folder"). `hyperparameters` are written as JSON: leave secrets out of them.
-    """
+    """Render the package's `model_cards/<template>` into `output_dir/README.md` with Hub front matter. `dataset`: a Hub
+    id (front matter and text); `data_description`: other data, text only; `hyperparameters`: JSON, no secrets."""
     from huggingface_hub import ModelCard, ModelCardData
 
     template_text = read_model_card_template(template)
@@ -86,15 +83,10 @@ def push_to_hub(folder: Union[str, os.PathLike], repo_id: str, token: Optional[s
 
 
 def write_remote_code(pipeline, save_directory: Union[str, os.PathLike]):
-    """Make a saved pipeline folder loadable where `diffusers_selftrans` is not installed, with
-    `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
-
-    Writes standalone copies (package-relative imports inlined) of the pipeline module as `<stem>.py` and of every
-    component module outside diffusers as `<component>/<stem>.py`, and points `model_index.json` at them:
-    `"_class_name": ["pipeline_sit", "SiTPipeline"]`, `"transformer": ["transformer_sit", "SiTTransformer2DModel"]`,
-    a custom scheduler likewise; diffusers components (the VAE, FlowMatch schedulers) are left as they are.
-    Call it on a folder written by `save_pretrained` (or use `save_pretrained(..., save_remote_code=True)`).
-    """
+    """Write standalone copies (package-relative imports inlined) of the pipeline module as `<stem>.py` and of every
+    component module outside diffusers as `<component>/<stem>.py` into a `save_pretrained` folder, and point
+    `model_index.json` at them (e.g. `"transformer": ["transformer_sit", "SiTTransformer2DModel"]`), so that
+    `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it without this package."""
     index_path = os.path.join(save_directory, "model_index.json")
     if not os.path.isfile(index_path):
         raise ValueError(f"{index_path} not found; call `save_pretrained` on this folder first.")

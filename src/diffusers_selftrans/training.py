@@ -483,8 +483,7 @@ def save_ema_samples(args, accelerator, model, ema, vae, step: int, num_classes:
 
 
 def export_pipeline(output_dir, transformer, ema, vae, id2label=None, save_remote_code: bool = True) -> Path:
-    """Write `output_dir` as a complete SiTPipeline folder whose transformer (configured as the trained, unwrapped
-    `transformer`) holds the EMA weights. Call it on the main process only."""
+    """Write `output_dir` as a SiTPipeline folder: `transformer`'s config, `ema`'s weights (main process only)."""
     output_dir = Path(output_dir)
     final = SiTTransformer2DModel.from_config(transformer.config)
     ema.copy_to(final.parameters())

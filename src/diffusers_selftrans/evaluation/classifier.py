@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .images import ImagesLike, to_uint8_nchw
+from .sampling import ImagesLike, to_uint8_nchw
 from .metrics import compute_fid
 
 # Bump when the classifier architecture or training changes, so old cache files are not reused.

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .images import ImagesLike, to_uint8_nchw
+from .sampling import ImagesLike, to_uint8_nchw
 
 # torch-fidelity `feature_extractor_inceptionv3.py` `URL_INCEPTION_V3`: the TF-2015 Inception weights in PyTorch form.
 INCEPTION_WEIGHTS_URL = (
