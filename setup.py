@@ -18,6 +18,8 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",
+        # below 0.50: set_repa_timesteps writes FlowMatchHeunDiscreteScheduler's grid in its own layout (no `sigmas=`);
+        # a layout change is a RuntimeError at run time and fails tests/test_schedulers.py (test_heun_layout_...)
         "diffusers>=0.35,<0.50",
         "transformers>=4.40,<6",
         "accelerate>=1.0,<2",

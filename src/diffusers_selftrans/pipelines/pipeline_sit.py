@@ -59,7 +59,7 @@ def set_repa_timesteps(
     """Put `scheduler` on REPA's grid for `num_inference_steps` steps and return its `timesteps`.
 
     - `FlowMatchEulerDiscreteScheduler`: `sigmas = linspace(1, 0, N + 1)[:-1]` through its own `set_timesteps(sigmas=)`.
-    - `FlowMatchHeunDiscreteScheduler` has no `sigmas` argument (diffusers 0.35-0.42); its `set_timesteps(N)` spaces
+    - `FlowMatchHeunDiscreteScheduler` has no `sigmas` argument (as of diffusers 0.42); its `set_timesteps(N)` spaces
       N sigmas over [1, 1/1000]. We call it (to reset its solver state), check that `_heun_layout` reproduces the
       `timesteps` / `sigmas` it built (a `RuntimeError` if a diffusers release lays them out otherwise), then lay
       the uniform grid out the same way, so its stock `step` runs Heun on every interval but the last, which is Euler
