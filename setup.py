@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     package_dir={"": "src"},
-    # model_cards/ holds the card templates read at run time (training.render_model_card): listed as a (data-only)
+    # model_cards/ holds the card templates read at run time (hub.render_model_card): listed as a (data-only)
     # package so the wheel carries them, not only the source tree
     packages=find_packages("src") + ["diffusers_selftrans.model_cards"],
     include_package_data=True,
@@ -18,6 +18,8 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",
+        # below 0.50: set_repa_timesteps writes FlowMatchHeunDiscreteScheduler's grid in its own layout (no `sigmas=`);
+        # a layout change is a RuntimeError at run time and fails tests/test_schedulers.py (test_heun_layout_...)
         "diffusers>=0.35,<0.50",
         "transformers>=4.40,<6",
         "accelerate>=1.0,<2",

@@ -31,7 +31,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_s
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from diffusers_selftrans import SiTTransformer2DModel
+from diffusers_selftrans import SiTTransformer2DModel, hub
 from diffusers_selftrans import training as T
 from diffusers_selftrans.alignment import ALIGNMENT_METHODS, accepted_options, build_alignment
 from diffusers_selftrans.data import TrainDataStream, add_data_args
@@ -128,7 +128,7 @@ def train(args, build_method, *, card_template: str, base_model=None):
 
     # 2. VAE and data (exactly one sharding layer: the stream shards by process itself; it is not passed to `prepare`)
     set_seed(args.seed)
-    vae = T.load_vae(args).to(accelerator.device)
+    vae = T.load_vae(args.vae_name_or_path, args.vae_subfolder).to(accelerator.device)
     stream = TrainDataStream(args, per_device, process_index=accelerator.process_index,
                              num_processes=accelerator.num_processes, seed=args.seed, vae_config=vae)
     dataset_size = stream.num_examples
@@ -281,21 +281,27 @@ def train(args, build_method, *, card_template: str, base_model=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         loss_log.close()
-        T.export_pipeline(args, accelerator, model, ema, vae, id2label)
+        T.export_pipeline(output_dir, T.unwrap(accelerator, model), ema, vae, id2label,
+                          save_remote_code=args.save_remote_code)
         grid_path = T.save_ema_samples(args, accelerator, model, ema, vae, global_step, num_classes, id2label)
         final_grid = output_dir / "samples.png"
         if grid_path is not None:
             os.replace(grid_path, final_grid)
-        T.render_model_card(output_dir, template=card_template, args=args, command=args.launch_command,
-                            sample_image=final_grid.name, base_model=base_model,
-                            metrics={"final_loss": logged.get("loss"), "steps": global_step,
-                                     "nonfinite_skipped": guard.skipped,
-                                     "data_skipped": logged.get("data_skipped"),
-                                     # flags changed on resume: [{step, changed: {flag: [old, new]}}]
-                                     **({"resume_history": json.dumps(args.resume_history)}
-                                        if args.resume_history else {})})
+        hparams = {k: v for k, v in vars(args).items() if "--" + k not in T.SECRET_FLAGS and k != "launch_command"}
+        hub.render_model_card(output_dir, template=card_template, hyperparameters=hparams,
+                              command=args.launch_command, repo_id=args.hub_model_id or output_dir.name,
+                              dataset=args.dataset_name,
+                              data_description="local image folder" if args.train_data_dir else None,
+                              sample_image=final_grid.name, base_model=base_model,
+                              metrics={"final_loss": logged.get("loss"), "steps": global_step,
+                                       "nonfinite_skipped": guard.skipped,
+                                       "data_skipped": logged.get("data_skipped"),
+                                       # flags changed on resume: [{step, changed: {flag: [old, new]}}]
+                                       **({"resume_history": json.dumps(args.resume_history)}
+                                          if args.resume_history else {})})
         if args.push_to_hub:
-            repo_id = T.push_to_hub(args, output_dir)
+            repo_id = hub.push_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token,
+                                      private=args.hub_private)
             logger.info(f"Pushed to https://huggingface.co/{repo_id}", main_process_only=True)
     accelerator.end_training()
     return output_dir

@@ -291,7 +291,7 @@ def test_missing_inception_weights_error_names_the_path(tmp_path, monkeypatch):
     # weights present but torch-fidelity absent: a clear ImportError naming the extra
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"")
-    monkeypatch.setattr(evaluation, "_torch_fidelity_available", lambda: False)
+    monkeypatch.setattr(evaluation.metrics, "_torch_fidelity_available", lambda: False)
     with pytest.raises(ImportError, match=r"diffusers-selftrans\[metrics\]"):
         compute_fid(images, images, inception_weights=str(weights))
 
@@ -381,3 +381,32 @@ def test_sample_fid_end_to_end_and_resume(tmp_path, tiny_sit, one_thread):
     # other sampling settings into the same folder are refused
     with pytest.raises(ValueError, match="other settings"):
         script.main(script.parse_args(argv[:-4] + ["--guidance_scale", "2.0"]))
+
+
+def test_inception_extractor_uses_only_the_public_forward(tmp_path, monkeypatch):
+    """torchmetrics' NoTrainInceptionV3 stood in for by a tiny net with the same public surface (forward returns the
+    first listed feature; `fc` and `Mixed_6d.branch1x1` are layers): no private method is needed, and the logits are
+    torch-fidelity's unbiased ones, `pool @ fc.weight.T`."""
+    import torchmetrics.image.fid
+
+    class TinyInception(torch.nn.Module):
+        def __init__(self, name, features_list, feature_extractor_weights_path, antialias):
+            super().__init__()
+            assert features_list == ["2048"] and not antialias
+            self.Mixed_6d = torch.nn.Module()
+            self.Mixed_6d.branch1x1 = torch.nn.Conv2d(3, 8, 1)
+            self.fc = torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            spatial = self.Mixed_6d.branch1x1(x.float())
+            return spatial.mean(dim=(2, 3))[:, :4]
+
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"")
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", TinyInception)
+    monkeypatch.setattr(evaluation.metrics, "_torch_fidelity_available", lambda: True)
+    extractor = evaluation.InceptionFeatureExtractor(str(weights))
+    images = torch.randint(0, 256, (2, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = extractor(images)
+    torch.testing.assert_close(out["logits"], out["pool"] @ extractor.net.fc.weight.T)
+    assert out["pool"].shape == (2, 4) and out["spatial"].shape == (2, 7 * 6 * 6)

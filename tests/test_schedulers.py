@@ -65,6 +65,38 @@ def test_heun_shift_and_euler_dynamic_shifting():
         set_repa_timesteps(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 4)
 
 
+def test_heun_layout_matches_installed_diffusers_and_drift_is_an_error(monkeypatch):
+    """`set_repa_timesteps` writes FlowMatchHeunDiscreteScheduler's `timesteps` / `sigmas` (it has no `sigmas=`): the
+    layout we copy must be the installed diffusers' own, the attributes its `step` reads, and a change an error."""
+    from diffusers_selftrans.pipelines.pipeline_sit import _heun_layout
+
+    for n in (1, 3, 50):
+        stock = FlowMatchHeunDiscreteScheduler(shift=2.0)
+        stock.set_timesteps(n)
+        base = torch.cat([stock.sigmas[:1], stock.sigmas[1:-1:2]])
+        timesteps, sigmas = _heun_layout(base, stock.config.num_train_timesteps)
+        assert torch.equal(timesteps, stock.timesteps) and torch.equal(sigmas, stock.sigmas)
+    # `step` reads exactly these attributes: a Heun step from our grid lands on sigma[2] of the grid we wrote
+    scheduler = FlowMatchHeunDiscreteScheduler()
+    timesteps = set_repa_timesteps(scheduler, 2)
+    assert scheduler.prev_derivative is None and scheduler.dt is None and scheduler.step_index is None
+    x = torch.ones(1)
+    x = scheduler.step(torch.full_like(x, 2.0), timesteps[0], x).prev_sample  # predictor, t 1 -> 0.5
+    assert scheduler.dt == pytest.approx(-0.5) and torch.allclose(x, torch.tensor([0.0]))
+    x = scheduler.step(torch.full_like(x, 2.0), timesteps[1], x).prev_sample  # corrector with the same velocity
+    torch.testing.assert_close(x, torch.tensor([0.0]))
+    # a diffusers release with another layout is an error, not a silently wrong grid
+    original = FlowMatchHeunDiscreteScheduler.set_timesteps
+
+    def drifted(self, num_inference_steps, device=None):
+        original(self, num_inference_steps, device=device)
+        self.timesteps = self.timesteps.unique_consecutive()
+
+    monkeypatch.setattr(FlowMatchHeunDiscreteScheduler, "set_timesteps", drifted)
+    with pytest.raises(RuntimeError, match="no longer lays out"):
+        set_repa_timesteps(FlowMatchHeunDiscreteScheduler(), 4)
+
+
 # ----------------------------------------------------------------------------- the SDE scheduler
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import train_align  # noqa: E402
 import train_self_transcendence  # noqa: E402
 
-from diffusers_selftrans import training as T  # noqa: E402
+from diffusers_selftrans import hub, training as T  # noqa: E402
 
 TINY_MODEL = {"patch_size": 2, "num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 16}
 
@@ -264,9 +264,9 @@ def test_model_card_templates_ship_inside_the_package():
 
     package_dir = Path(diffusers_selftrans.__file__).parent
     for name in ("stage1.md", "stage2.md"):
-        assert T.read_model_card_template(name) == (package_dir / "model_cards" / name).read_text(encoding="utf-8")
+        assert hub.read_model_card_template(name) == (package_dir / "model_cards" / name).read_text(encoding="utf-8")
     with pytest.raises(FileNotFoundError, match=r"stage3\.md.*available: \['stage1\.md', 'stage2\.md'\]"):
-        T.read_model_card_template("stage3.md")
+        hub.read_model_card_template("stage3.md")
 
 
 def test_config_file_sets_defaults_and_rejects_unknown_keys(assets, tmp_path):

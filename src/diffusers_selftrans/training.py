@@ -6,8 +6,8 @@
 - checkpoints: `accelerator.save_state` written to a temporary folder with a manifest written last, then renamed (a
   kill mid-write never leaves a `checkpoint-N` that looks complete), save/load hooks that write `save_pretrained`
   folders, pruning, `latest` (the newest complete one), the flags a resume may change, full-disk errors,
-- the non-finite / exploding-loss guard, EMA-model sample grids, and the final pipeline folder with its model card and
-  Hub push.
+- the non-finite / exploding-loss guard, EMA-model sample grids, and the final pipeline folder (cards and Hub push:
+  `hub.py`).
 
 The training loops themselves live in `examples/train_align.py` and `examples/train_self_transcendence.py`.
 """
@@ -244,10 +244,11 @@ def load_transformer(name_or_path: str, subfolder: Optional[str] = None, **kwarg
         ) from None
 
 
-def load_vae(args):
+def load_vae(name_or_path: str, subfolder: Optional[str] = None):
+    """A frozen `AutoencoderKL` (eval mode, no gradients) from a folder or Hub id."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(args.vae_name_or_path, subfolder=args.vae_subfolder)
+    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder)
     return vae.eval().requires_grad_(False)
 
 
@@ -696,7 +697,7 @@ class NonFiniteGuard:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Samples, final export, model card, Hub
+# Samples, final export
 
 
 def default_validation_labels(num_classes: int, count: int = 8) -> List[int]:
@@ -765,87 +766,17 @@ def save_ema_samples(args, accelerator, model, ema, vae, step: int, num_classes:
     return path
 
 
-def export_pipeline(args, accelerator, model, ema, vae, id2label=None) -> Path:
-    """Write `output_dir` as a complete SiTPipeline folder whose transformer holds the EMA weights."""
-    output_dir = Path(args.output_dir)
-    if not accelerator.is_main_process:
-        return output_dir
-    trained = unwrap(accelerator, model)
-    final = SiTTransformer2DModel.from_config(trained.config)
+def export_pipeline(output_dir, transformer, ema, vae, id2label=None, save_remote_code: bool = True) -> Path:
+    """Write `output_dir` as a SiTPipeline folder: `transformer`'s config, `ema`'s weights (main process only)."""
+    output_dir = Path(output_dir)
+    final = SiTTransformer2DModel.from_config(transformer.config)
     ema.copy_to(final.parameters())
     final.eval()
     pipe = build_pipeline(final, vae, id2label)
     # On by default: the folder (and its Hub copy) then also loads with diffusers alone,
     # `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
-    pipe.save_pretrained(output_dir, save_remote_code=getattr(args, "save_remote_code", True))
+    pipe.save_pretrained(output_dir, save_remote_code=save_remote_code)
     return output_dir
-
-
-# The card templates ship inside the package (package_data in setup.py), so an installed wheel finds them too.
-MODEL_CARDS_FOLDER = "model_cards"
-
-
-def render_model_card(output_dir: Path, *, template: str, args, command: str, metrics: Optional[dict] = None,
-                      sample_image: Optional[str] = None, base_model: Optional[str] = None, extra: Optional[dict] = None):
-    """Render the package's `model_cards/<template>` into `output_dir/README.md` with Hub front matter."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    template_text = read_model_card_template(template)
-    dataset = args.dataset_name or ("local image folder" if getattr(args, "train_data_dir", None) else None)
-    card_data = ModelCardData(
-        library_name="diffusers",
-        license="apache-2.0",
-        tags=["diffusers", "diffusers-selftrans", "sit", "self-transcendence", "class-conditional",
-              "image-generation", "flow-matching"],
-        datasets=[args.dataset_name] if getattr(args, "dataset_name", None) else None,
-        base_model=base_model,
-        pipeline_tag="unconditional-image-generation",
-    )
-    hparams = {k: v for k, v in sorted(vars(args).items())
-               if "--" + k not in SECRET_FLAGS and k != "launch_command"}
-    card = ModelCard.from_template(
-        card_data,
-        template_str=template_text,
-        repo_id=args.hub_model_id or Path(args.output_dir).name,
-        command=command,
-        hyperparameters=json.dumps(hparams, indent=2, default=str),
-        metrics=metrics or {},
-        sample_image=sample_image,
-        dataset=dataset,
-        base_model=base_model,
-        **(extra or {}),
-    )
-    card.save(str(Path(output_dir) / "README.md"))
-    return card
-
-
-def read_model_card_template(template: str) -> str:
-    """The text of the packaged card template `template` (e.g. "stage1.md"); an unknown name is an error that lists
-    the available ones."""
-    from importlib import resources
-
-    folder = resources.files(__package__) / MODEL_CARDS_FOLDER
-    path = folder / template
-    if not path.is_file():
-        available = sorted(p.name for p in folder.iterdir() if p.name.endswith(".md")) if folder.is_dir() else []
-        raise FileNotFoundError(f"No model card template {template!r} in {__package__}/{MODEL_CARDS_FOLDER}/; "
-                                f"available: {available}")
-    return path.read_text(encoding="utf-8")
-
-
-# Everything that is not part of the published pipeline.
-HUB_IGNORE_PATTERNS = [f"{CHECKPOINT_PREFIX}*", "logs/*", "*.tmp", "samples/step-*"]
-
-
-def push_to_hub(args, output_dir: Path) -> str:
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=args.hub_token)
-    repo_id = api.create_repo(repo_id=args.hub_model_id or Path(output_dir).name, exist_ok=True,
-                              private=args.hub_private).repo_id
-    api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="Upload SiT pipeline",
-                      ignore_patterns=HUB_IGNORE_PATTERNS)
-    return repo_id
 
 
 def steps_from_epochs(epochs: float, dataset_size: Optional[int], global_batch: int, what: str) -> int:

@@ -13,20 +13,16 @@ channels guided, and only while `guidance_interval[0] <= t <= guidance_interval[
 conditional pass is made. `legacy_cfg_channels=3` restores DiT/SiT's first-3-channels guidance for old FIDs.
 
 The module imports only torch, numpy, diffusers and huggingface_hub from outside this package (its one
-package-relative import is inlined by `save_remote_code`), so `save_pretrained(..., save_remote_code=True)` can ship
-it as Hub remote code.
+package-relative import is inlined by `diffusers_selftrans.hub.write_remote_code`), so
+`save_pretrained(..., save_remote_code=True)` can ship it as Hub remote code.
 """
 
-import ast
 import contextlib
 import difflib
 import importlib
-import importlib.util
 import inspect
-import json
 import math
 import os
-import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -38,6 +34,7 @@ from diffusers import (
     FlowMatchHeunDiscreteScheduler,
     ImagePipelineOutput,
 )
+from diffusers import __version__ as diffusers_version
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin
@@ -62,10 +59,11 @@ def set_repa_timesteps(
     """Put `scheduler` on REPA's grid for `num_inference_steps` steps and return its `timesteps`.
 
     - `FlowMatchEulerDiscreteScheduler`: `sigmas = linspace(1, 0, N + 1)[:-1]` through its own `set_timesteps(sigmas=)`.
-    - `FlowMatchHeunDiscreteScheduler` has no `sigmas` argument; its `set_timesteps(N)` spaces N sigmas over
-      [1, 1/1000]. We call it (to reset its solver state), then lay the same uniform grid out exactly as its
-      `set_timesteps` does (first timestep once, every later one twice, a trailing 0 sigma), so its stock `step` runs
-      Heun on every interval but the last, which is Euler into t=0: REPA's `euler_sampler(heun=True)`.
+    - `FlowMatchHeunDiscreteScheduler` has no `sigmas` argument (as of diffusers 0.42); its `set_timesteps(N)` spaces
+      N sigmas over [1, 1/1000]. We call it (to reset its solver state), check that `_heun_layout` reproduces the
+      `timesteps` / `sigmas` it built (a `RuntimeError` if a diffusers release lays them out otherwise), then lay
+      the uniform grid out the same way, so its stock `step` runs Heun on every interval but the last, which is Euler
+      into t=0: REPA's `euler_sampler(heun=True)`.
     - Any other scheduler (e.g. `SiTEulerMaruyamaScheduler`, whose own grid is REPA's SDE grid) uses `set_timesteps(N)`.
     The scheduler's `shift` config is applied to the uniform grid as its own `set_timesteps` would (1 = REPA).
     """
@@ -76,16 +74,29 @@ def set_repa_timesteps(
         scheduler.set_timesteps(sigmas=sigmas, device=device)
     elif isinstance(scheduler, FlowMatchHeunDiscreteScheduler):
         scheduler.set_timesteps(num_inference_steps, device=device)
+        num_train_timesteps = scheduler.config.num_train_timesteps
+        stock = _heun_layout(torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1:-1:2]]), num_train_timesteps)
+        if not (torch.equal(stock[0], scheduler.timesteps) and torch.equal(stock[1], scheduler.sigmas)):
+            raise RuntimeError(
+                f"diffusers {diffusers_version}: FlowMatchHeunDiscreteScheduler.set_timesteps no longer lays out its "
+                "grid as SiTPipeline copies it, so REPA's Heun grid cannot be set; use a tested diffusers (see setup.py)."
+            )
         sigmas = torch.from_numpy(np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].astype(np.float32))
         shift = scheduler.config.shift
         sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).to(device)
-        timesteps = sigmas * scheduler.config.num_train_timesteps
-        scheduler.timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
-        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
-        scheduler.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
+        scheduler.timesteps, scheduler.sigmas = _heun_layout(sigmas, num_train_timesteps)
     else:
         scheduler.set_timesteps(num_inference_steps, device=device)
     return scheduler.timesteps
+
+
+def _heun_layout(sigmas: torch.Tensor, num_train_timesteps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`(timesteps, sigmas)` of N sigmas laid out as `FlowMatchHeunDiscreteScheduler.set_timesteps` does: the first
+    timestep once, every later one twice (predictor and corrector), and a trailing 0 sigma."""
+    timesteps = sigmas * num_train_timesteps
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    return (torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)]),
+            torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]]))
 
 
 class SiTPipeline(DiffusionPipeline):
@@ -464,36 +475,10 @@ class SiTPipeline(DiffusionPipeline):
             )
 
     def save_remote_code(self, save_directory: Union[str, os.PathLike]):
-        """Make a saved pipeline folder loadable where `diffusers_selftrans` is not installed, with
-        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
-
-        Writes standalone copies (package-relative imports inlined) of the pipeline module as `<stem>.py` and of every
-        component module outside diffusers as `<component>/<stem>.py`, and points `model_index.json` at them:
-        `"_class_name": ["pipeline_sit", "SiTPipeline"]`, `"transformer": ["transformer_sit", "SiTTransformer2DModel"]`,
-        a custom scheduler likewise; diffusers components (the VAE, FlowMatch schedulers) are left as they are.
-        Call it on a folder written by `save_pretrained` (or use `save_pretrained(..., save_remote_code=True)`).
-        """
-        index_path = os.path.join(save_directory, "model_index.json")
-        if not os.path.isfile(index_path):
-            raise ValueError(f"{index_path} not found; call `save_pretrained` on this folder first.")
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-
-        pipeline_module = sys.modules[type(self).__module__]
-        stem = pipeline_module.__name__.rsplit(".", 1)[-1]
-        _write_text(os.path.join(save_directory, f"{stem}.py"), standalone_module_source(pipeline_module))
-        index["_class_name"] = [stem, type(self).__name__]
-        for name, entry in index.items():
-            if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
-                continue
-            if entry[0] in _BUILTIN_LIBRARIES:
-                continue
-            component = getattr(self, name)
-            module = sys.modules[type(component).__module__]
-            stem = module.__name__.rsplit(".", 1)[-1]
-            _write_text(os.path.join(save_directory, name, f"{stem}.py"), standalone_module_source(module))
-            index[name] = [stem, type(component).__name__]
-        _write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        """Make a saved pipeline folder loadable with `DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)` where this package is not installed: `diffusers_selftrans.hub.write_remote_code`."""
+        # imported by name when called: a package-relative import at the top would be inlined into the remote code
+        importlib.import_module("diffusers_selftrans.hub").write_remote_code(self, save_directory)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -544,83 +529,3 @@ def _installed_class(library: str, class_name: str):
         return None
     return getattr(package, class_name, None)
 
-
-def _write_text(path: str, text: str):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def standalone_module_source(module) -> str:
-    """Source of `module` with every top-level package-relative import replaced by the definitions it brings in.
-
-    For `from ..transport import score_from_velocity` the function is copied in, with the top-level functions,
-    classes and constants of `transport` it uses, and the absolute imports they need. A module without relative
-    imports (e.g. `transformer_sit.py`) comes back verbatim.
-    """
-    source = inspect.getsource(module)
-    tree = ast.parse(source)
-    lines = source.splitlines(keepends=True)
-    edits = []
-    for node in tree.body:
-        if not (isinstance(node, ast.ImportFrom) and node.level > 0):
-            continue
-        target = importlib.import_module(
-            importlib.util.resolve_name("." * node.level + (node.module or ""), module.__package__)
-        )
-        blocks, aliases = [], []
-        for alias in node.names:
-            obj = getattr(target, alias.name)
-            home = sys.modules.get(getattr(obj, "__module__", None) or "", target)
-            if inspect.ismodule(obj):
-                raise ValueError(f"Cannot inline the module import {alias.name!r} in {module.__name__}.")
-            blocks.append(_extract_definitions(standalone_module_source(home), [alias.name], home.__name__))
-            if alias.asname and alias.asname != alias.name:
-                aliases.append(f"{alias.asname} = {alias.name}\n")
-        edits.append((node.lineno, node.end_lineno, "".join(blocks + aliases)))
-    if not edits:
-        return source
-    for start, end, text in reversed(edits):
-        lines[start - 1 : end] = [text]
-    header = f"# Standalone copy of `{module.__name__}`: package-relative imports inlined by `save_remote_code`.\n"
-    return header + "".join(lines)
-
-
-def _extract_definitions(source: str, names: List[str], origin: str) -> str:
-    """The top-level definitions `names` of `source`, everything top-level they use, and the imports those need."""
-    tree = ast.parse(source)
-    lines = source.splitlines(keepends=True)
-    defs, imports = {}, {}
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            defs[node.name] = node
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for target in targets:
-                for name_node in ast.walk(target):
-                    if isinstance(name_node, ast.Name):
-                        defs[name_node.id] = node
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            for alias in node.names:
-                imports[(alias.asname or alias.name).split(".")[0]] = node
-    needed_defs, needed_imports, todo = set(), set(), list(names)
-    while todo:
-        name = todo.pop()
-        if name in imports:
-            needed_imports.add(imports[name])
-        if name not in defs or defs[name] in needed_defs:
-            if name not in defs and name not in imports and name in names:
-                raise ValueError(f"{name!r} is not a top-level definition of {origin}.")
-            continue
-        needed_defs.add(defs[name])
-        todo.extend(n.id for n in ast.walk(defs[name]) if isinstance(n, ast.Name))
-
-    def segment(node) -> str:
-        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-        return "".join(lines[start - 1 : node.end_lineno])
-
-    kept = [n for n in tree.body if n in needed_imports or n in needed_defs]  # in source order
-    out = [f"# --- inlined from `{origin}` ---\n"]
-    out += [segment(n) for n in kept if n in needed_imports] + ["\n\n"]
-    out += [segment(n) + "\n\n" for n in kept if n in needed_defs]
-    return "".join(out) + "# --- end of inlined code ---\n"
