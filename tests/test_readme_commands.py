@@ -254,9 +254,9 @@ def test_readme_marks_runnable_blocks_and_leaves_placeholders_unmarked():
 
 def test_every_marked_command_exits_zero(readme_runs):
     _, runs = readme_runs
-    assert len(runs) == len(readme_commands())
     for output_dir, (argv, result) in runs.items():
         assert result.returncode == 0, f"{shlex.join(argv)}\n--- stderr ---\n{result.stderr[-6000:]}"
+    assert len(runs) == len(readme_commands())
 
 
 def _trainings(readme_runs):
