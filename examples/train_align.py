@@ -131,9 +131,7 @@ def train(args, build_method, *, card_template: str, base_model=None):
     vae = T.load_vae(args.vae_name_or_path, args.vae_subfolder).to(accelerator.device)
     stream = TrainDataStream(args, per_device, process_index=accelerator.process_index,
                              num_processes=accelerator.num_processes, seed=args.seed, vae_config=vae)
-    dataset_size = stream.num_examples
-    if dataset_size is None and (args.dataset_name or "").endswith("imagenet-1k"):
-        dataset_size = T.IMAGENET_TRAIN_SIZE
+    dataset_size = stream.num_examples  # from the dataset's own metadata (split info or parquet footers)
     if args.max_train_steps is None:
         args.max_train_steps = T.steps_from_epochs(args.num_train_epochs, dataset_size, global_batch, "--max_train_steps")
     # recorded in args.json; stage 2 turns its guide-stop epochs into steps with it (None: dataset size unknown)

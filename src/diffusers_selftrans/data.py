@@ -395,9 +395,10 @@ class ImageSource:
     """An image dataset opened with `datasets.load_dataset`, images left undecoded (`Image(decode=False)`).
 
     Attributes: `dataset` (a `datasets.Dataset` or `IterableDataset`), `streaming`, `image_column`, `label_column`
-    (None for unconditional data), `num_classes`, `id2label` (dict int -> str, or None), `num_examples` (None when
-    streaming), `reader` (a torch Dataset mapping a key to `{"pixel_values", "label"}` or `{"error", "label"}`; a bad
-    label raises `LabelError`), `stray_files` (imagefolder images beside or below the class folders, left out).
+    (None for unconditional data), `num_classes`, `id2label` (dict int -> str, or None), `num_examples` (from the
+    dataset's own metadata when streaming, see `streamed_num_examples`; None when it has none), `reader` (a torch
+    Dataset mapping a key to `{"pixel_values", "label"}` or `{"error", "label"}`; a bad label raises `LabelError`),
+    `stray_files` (imagefolder images beside or below the class folders, left out).
     """
 
     is_latent = False
@@ -488,7 +489,13 @@ class ImageSource:
         if self.label_column is not None and not self.streaming:
             self.num_classes = _check_label_column(dataset, self.image_column, self.label_column, self.num_classes,
                                                    self.id2label)
-        self.num_examples = None if self.streaming else len(dataset)
+        if self.streaming:
+            self.num_examples = streamed_num_examples(
+                dataset, getattr(args, "dataset_split", "train"), load_kwargs,
+                cache_dir=getattr(args, "cache_dir", None), token=getattr(args, "hub_token", None),
+            )
+        else:
+            self.num_examples = len(dataset)
         self.resolution = args.resolution
         self.shuffle_buffer_size = getattr(args, "shuffle_buffer_size", DEFAULT_SHUFFLE_BUFFER_SIZE)
         table = None if self.streaming else dataset
@@ -654,6 +661,42 @@ def _check_label_column(dataset, image_column: str, label_column: str, num_class
             f"samples of the empty ones will be untrained.{hint}"
         )
     return num_classes
+
+
+def streamed_num_examples(dataset, split: str, load_kwargs: Optional[Dict[str, Any]] = None, *,
+                           cache_dir: Optional[str] = None, token=None) -> Optional[int]:
+    """The size of a streamed split from the dataset's own metadata, never from its name; None when it has none.
+
+    1. The split info (`dataset.info.splits[split].num_examples`): for Hub datasets it comes from the `dataset_info`
+       YAML of the dataset card (ImageNet-1k's says 1,281,167 train images).
+    2. Else, when every data file of the split is parquet (the builder `load_kwargs` resolves them, e.g. a Hub repo
+       without card metadata or local files), the sum of `num_rows` in the parquet footers: only the footers are read
+       (a few KB per shard over HTTP Range requests), not the data.
+    3. Else None (webdataset tars, generator-based datasets): the caller must be given the size or a step count.
+    """
+    splits = getattr(getattr(dataset, "info", None), "splits", None) or {}
+    split_info = splits.get(split) if hasattr(splits, "get") else None
+    if split_info is not None and split_info.num_examples:
+        return int(split_info.num_examples)
+    if not load_kwargs:
+        return None
+    import datasets
+
+    builder = datasets.load_dataset_builder(**load_kwargs, cache_dir=cache_dir, token=token)
+    data_files = (builder.config.data_files or {}).get(split) if builder.config.data_files else None
+    if not data_files or not all(str(f).endswith(".parquet") for f in data_files):
+        return None
+    return sum(parquet_num_rows(f, token=token) for f in data_files)
+
+
+def parquet_num_rows(path: str, token=None) -> int:
+    """Rows of a parquet file (local, `hf://` or any fsspec URL) from its footer, without reading the data."""
+    import pyarrow.parquet as pq
+    from datasets import DownloadConfig
+    from datasets.utils.file_utils import xopen
+
+    with xopen(path, "rb", download_config=DownloadConfig(token=token)) as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def _map_style_keys(num_examples, epoch, seed, process_index, num_processes, shuffle, drop_remainder):
@@ -991,7 +1034,7 @@ class TrainDataStream:
     @property
     def batches_per_epoch(self) -> Optional[int]:
         """Full batches per process and epoch (map-style data without skips); None when streaming."""
-        if self.num_examples is None:
+        if self.num_examples is None or self.streaming:  # streams split by shard: lengths differ
             return None
         return (self.num_examples // self.num_processes) // self.batch_size
 

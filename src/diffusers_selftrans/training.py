@@ -40,8 +40,6 @@ DEFAULT_LEARNING_RATE = 1e-4
 DEFAULT_GLOBAL_BATCH_SIZE = 256
 DEFAULT_EMA_DECAY = 0.9999
 DEFAULT_MAX_GRAD_NORM = 1.0
-# ImageNet-1k train split; 1,281,167 // 256 = 5004 steps per epoch (method-notes §6.18).
-IMAGENET_TRAIN_SIZE = 1_281_167
 # The ST training preview draws 50-step Euler samples at CFG 4.0 (method-notes §3.4).
 DEFAULT_VALIDATION_GUIDANCE = 4.0
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -780,8 +778,25 @@ def export_pipeline(output_dir, transformer, ema, vae, id2label=None, save_remot
 
 
 def steps_from_epochs(epochs: float, dataset_size: Optional[int], global_batch: int, what: str) -> int:
+    """Optimizer steps of `epochs` epochs: epochs x (dataset_size // global_batch), at least 1.
+
+    `dataset_size` comes from the dataset's metadata (`ImageSource.num_examples`); None (a stream without split info
+    or parquet footers, e.g. webdataset tars) is an error naming the flag `what` to pass instead.
+    """
     if dataset_size is None:
-        raise ValueError(f"The dataset size is unknown (streaming): pass {what} in steps.")
+        raise ValueError(
+            f"The dataset size is unknown: the streamed dataset has neither split sizes in its metadata (the "
+            f"`dataset_info` of its card) nor parquet files whose footers give the row count, so "
+            f"{epochs} epochs cannot be converted to steps. Pass {what} (optimizer steps) instead, or use "
+            f"--no_streaming (map-style data knows its length)."
+        )
+    if global_batch <= 0:
+        raise ValueError(f"The global batch size must be positive, got {global_batch}.")
+    if dataset_size < global_batch:
+        raise ValueError(
+            f"The dataset has {dataset_size} examples, fewer than one global batch of {global_batch}: an epoch has "
+            f"no full step. Lower --global_batch_size or pass {what}."
+        )
     return max(1, math.floor(epochs * (dataset_size // global_batch)))
 
 
