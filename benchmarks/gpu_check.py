@@ -84,8 +84,9 @@ TRAIN_STEPS = 200
 LATENT_CHANNELS, VAE_DOWNSAMPLING, VAE_SCALING_FACTOR = 4, 8, 0.18215
 RESOLUTION = 256
 IMAGENET_CLASSES = 1000
-# Synthetic shards: enough distinct examples for several batches of 256 per epoch; the stream cycles epochs.
-NUM_SYNTHETIC_LATENTS, SYNTHETIC_SHARD_SIZE = 1024, 512
+# Synthetic shards: 5 batches of 256 per epoch, so the stage-2 default guide stop (20 epochs for 12 blocks) lands at
+# step 100 of the 200: both phases are measured. The stream cycles epochs.
+NUM_SYNTHETIC_LATENTS, SYNTHETIC_SHARD_SIZE = 1280, 640
 # Posterior std of the synthetic latents: the order of SD-VAE posterior stds on ImageNet (the value does not
 # change the step's cost; it only keeps z = mean + std * eps data-like).
 SYNTHETIC_LATENT_STD = 0.1
@@ -136,8 +137,9 @@ PAPER_MACS_PER_IMAGE = {"SiT-B/2": 23.0e9, "SiT-XL/2": 118.6e9}
 # --- --smoke: tiny configs on the CPU ---------------------------------------------------------------------------------
 SMOKE_MODEL = dict(patch_size=2, num_layers=4, num_attention_heads=2, attention_head_dim=16, mlp_ratio=4.0)
 SMOKE_RESOLUTION, SMOKE_CLASSES = 64, 10  # latents 4 x 8 x 8
-SMOKE_NUM_LATENTS, SMOKE_SHARD_SIZE = 32, 16
-SMOKE_TRAIN_STEPS, SMOKE_BATCH, SMOKE_LOGGING_STEPS = 24, 8, 2  # guide stop at 24 x 20/80 = 6: rows 2..6 guided
+# one batch of 8 per epoch: the default guide stop (20 epochs) lands at step 20 of 32: rows 2..20 guided, 22..32 not
+SMOKE_NUM_LATENTS, SMOKE_SHARD_SIZE = 8, 8
+SMOKE_TRAIN_STEPS, SMOKE_BATCH, SMOKE_LOGGING_STEPS = 32, 8, 2
 SMOKE_TOLERANCE_BATCH = 4
 # SiT-S/4 at 32 px: latents 4 x 4 x 4, one token; the SD-VAE-sized decoder at 32 px is the main cost.
 SMOKE_SAMPLING = ["--preset", "SiT-S/4", "--resolution", "32", "--batch", "2", "--steps_scale", "0.02",
