@@ -278,8 +278,10 @@ def test_training_steps_are_epochs_of_the_metadata_size(readme_runs, hub):
         steps_per_epoch = numbers["num_train"] // GLOBAL_BATCH
         rows = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
         assert [row["step"] for row in rows] == list(range(1, epochs[program(argv)] * steps_per_epoch + 1)), out
-        args = json.loads((out / "args.json").read_text())  # written before the epochs are converted to steps
-        assert args["max_train_steps"] is None and args["num_train_epochs"] == epochs[program(argv)]
+        args = json.loads((out / "args.json").read_text())  # the resolved run: steps from the epochs, not a flag
+        assert "--max_train_steps" not in args["launch_command"] and args["num_train_epochs"] == epochs[program(argv)]
+        assert args["steps_per_epoch"] == steps_per_epoch
+        assert args["max_train_steps"] == epochs[program(argv)] * steps_per_epoch
         seen.add(out.name)
     assert {"sit-b2-guiding", "sit-b2-selftrans"} <= seen
 
@@ -289,7 +291,7 @@ def test_trainings_write_complete_pipeline_folders(readme_runs):
     for out, argv in _trainings(readme_runs):
         found += 1
         index = json.loads((out / "model_index.json").read_text())
-        assert index["_class_name"] == "SiTPipeline"
+        assert index["_class_name"] == ["pipeline_sit", "SiTPipeline"]  # the remote code it carries by default
         for sub in ("transformer", "vae", "scheduler"):
             assert (out / sub).is_dir()
         assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
