@@ -290,19 +290,24 @@ def unwrap(accelerator, model: nn.Module) -> nn.Module:
 # Checkpoints
 
 
-def register_checkpoint_hooks(accelerator, ema=None):
-    """Save the prepared SiT as `transformer/`, an `AlignmentProjector` as `projector/` (both `save_pretrained`
-    folders) and the EMA as `transformer_ema/`; load them back on resume. Other modules stay with accelerate."""
+def register_checkpoint_hooks(accelerator, ema=None, transformer_cls=None):
+    """Save the prepared transformer as `transformer/`, an `AlignmentProjector` as `projector/` (both `save_pretrained`
+    folders) and the EMA as `transformer_ema/`; load them back on resume. Other modules stay with accelerate.
+
+    `transformer_cls`: the transformer's class (default our `SiTTransformer2DModel`; the T2I script passes the
+    diffusers class it trains, e.g. `SD3Transformer2DModel`)."""
+    transformer_cls = transformer_cls or SiTTransformer2DModel
+    handled = (transformer_cls, AlignmentProjector)
 
     def folder_name(model) -> str:
-        return "transformer" if isinstance(model, SiTTransformer2DModel) else "projector"
+        return "transformer" if isinstance(model, transformer_cls) else "projector"
 
     def save_hook(models, weights, output_dir):
         if not accelerator.is_main_process:
             return
         for i in reversed(range(len(models))):
             model = getattr(models[i], "_orig_mod", models[i])
-            if isinstance(model, (SiTTransformer2DModel, AlignmentProjector)):
+            if isinstance(model, handled):
                 model.save_pretrained(os.path.join(output_dir, folder_name(model)))
                 weights.pop(i)
         if ema is not None:
@@ -311,12 +316,12 @@ def register_checkpoint_hooks(accelerator, ema=None):
     def load_hook(models, input_dir):
         for i in reversed(range(len(models))):
             model = getattr(models[i], "_orig_mod", models[i])
-            if isinstance(model, (SiTTransformer2DModel, AlignmentProjector)):
+            if isinstance(model, handled):
                 loaded = type(model).from_pretrained(os.path.join(input_dir, folder_name(model)))
                 model.load_state_dict(loaded.state_dict())
                 models.pop(i)
         if ema is not None:
-            loaded = type(ema).from_pretrained(os.path.join(input_dir, "transformer_ema"), SiTTransformer2DModel,
+            loaded = type(ema).from_pretrained(os.path.join(input_dir, "transformer_ema"), transformer_cls,
                                                foreach=ema.foreach)
             ema.load_state_dict(loaded.state_dict())
 
@@ -786,8 +791,11 @@ MODEL_CARDS_FOLDER = "model_cards"
 
 
 def render_model_card(output_dir: Path, *, template: str, args, command: str, metrics: Optional[dict] = None,
-                      sample_image: Optional[str] = None, base_model: Optional[str] = None, extra: Optional[dict] = None):
-    """Render the package's `model_cards/<template>` into `output_dir/README.md` with Hub front matter."""
+                      sample_image: Optional[str] = None, base_model: Optional[str] = None, extra: Optional[dict] = None,
+                      tags: Optional[List[str]] = None, pipeline_tag: str = "unconditional-image-generation"):
+    """Render the package's `model_cards/<template>` into `output_dir/README.md` with Hub front matter.
+
+    `tags` / `pipeline_tag`: the Hub metadata (default: a class-conditional SiT's)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     template_text = read_model_card_template(template)
@@ -795,11 +803,11 @@ def render_model_card(output_dir: Path, *, template: str, args, command: str, me
     card_data = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
-        tags=["diffusers", "diffusers-selftrans", "sit", "self-transcendence", "class-conditional",
-              "image-generation", "flow-matching"],
+        tags=tags or ["diffusers", "diffusers-selftrans", "sit", "self-transcendence", "class-conditional",
+                      "image-generation", "flow-matching"],
         datasets=[args.dataset_name] if getattr(args, "dataset_name", None) else None,
         base_model=base_model,
-        pipeline_tag="unconditional-image-generation",
+        pipeline_tag=pipeline_tag,
     )
     hparams = {k: v for k, v in sorted(vars(args).items())
                if "--" + k not in SECRET_FLAGS and k != "launch_command"}
