@@ -378,12 +378,19 @@ def alignment_for_stage(args, model, family, null, device):
     return build_alignment(method, model, teacher=teacher.to(device), null_conditioning=null, **options)
 
 
-def final_pipeline(args, pipeline_cls, family, transformer):
-    """The original pipeline's components with the trained transformer (PixArt: a flow-matching Euler scheduler,
-    since its own DPM scheduler samples an epsilon model)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def flow_scheduler_for_pixart():
+    """PixArt-Sigma's own scheduler samples an epsilon model; ours predicts the velocity. DPM-Solver++ in its flow
+    mode (what SanaPipeline ships: `prediction_type="flow_prediction"`, `use_flow_sigmas`) samples it and, unlike
+    FlowMatchEulerDiscreteScheduler, has the `init_noise_sigma` PixArtSigmaPipeline reads. Its timesteps are
+    `1000 sigma`, our `model_timestep`; no time shift (`flow_shift=1`)."""
+    from diffusers import DPMSolverMultistepScheduler
 
-    extra = {"scheduler": FlowMatchEulerDiscreteScheduler(shift=1.0)} if family == "pixart" else {}
+    return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0)
+
+
+def final_pipeline(args, pipeline_cls, family, transformer):
+    """The original pipeline's components with the trained transformer (PixArt: a flow-matching scheduler)."""
+    extra = {"scheduler": flow_scheduler_for_pixart()} if family == "pixart" else {}
     return pipeline_cls.from_pretrained(args.pretrained_model_name_or_path, transformer=transformer,
                                         revision=args.revision, **extra)
 
@@ -393,7 +400,6 @@ def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema,
     """EMA weights, eval mode, a private generator: the validation prompts through the matching pipeline."""
     if not accelerator.is_main_process:
         return None
-    from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.utils import make_image_grid
 
     trained = T.unwrap(accelerator, model)
@@ -401,7 +407,7 @@ def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema,
     ema.copy_to(preview.parameters())
     components = dict(text_pipe.components, transformer=preview.eval())
     if family == "pixart":
-        components["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=1.0)
+        components["scheduler"] = flow_scheduler_for_pixart()
     pipe = pipeline_cls(**components)
     pipe.set_progress_bar_config(disable=True)
     prompts = list(args.validation_prompts or DEFAULT_VALIDATION_PROMPTS)
