@@ -167,3 +167,151 @@ def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_c
         raise ValueError(f"No tiny pipeline for {family!r} (sd3, pixart).")
     pipe.save_pretrained(folder)
     return Path(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The benchmark
+
+RUNS = ("vanilla", "stage1", "self_transcendence")
+
+
+def parse_args(input_args=None):
+    import quickstart_assets
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output_dir", type=str, default=str(ROOT / "benchmarks" / "results" / "convergence_t2i"))
+    p.add_argument("--vae_name_or_path", type=str, default=str(quickstart_assets.DEFAULT_VAE_PATH))
+    p.add_argument("--resolution", type=int, default=DIGITS_RESOLUTION)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=600, help="Steps of every run (and of the stage-1 guiding model).")
+    p.add_argument("--guide_stop_step", type=int, default=None, help="Default: a quarter of --steps (as convergence.py).")
+    p.add_argument("--eval_every", type=int, default=150)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--ema_decay", type=float, default=SHORT_RUN_EMA_DECAY)
+    p.add_argument("--learning_rate", type=float, default=TINY_LEARNING_RATE)
+    p.add_argument("--lr_warmup_steps", type=int, default=TINY_WARMUP_STEPS)
+    p.add_argument("--projector_dim", type=int, default=512, help="Alignment MLP width (4 D, as convergence.py).")
+    p.add_argument("--samples_per_class", type=int, default=30)
+    p.add_argument("--sampling_steps", type=int, default=25)
+    p.add_argument("--max_real", type=int, default=None)
+    p.add_argument("--smoke", action="store_true", help="A tiny model, a few steps, one seed: checks the plumbing.")
+    args = p.parse_args(input_args)
+    args.model = dict(TINY_MMDIT)
+    if args.smoke:
+        args.seeds, args.steps, args.eval_every, args.batch_size = args.seeds[:1], 4, 2, 8
+        args.samples_per_class, args.sampling_steps, args.max_real = 2, 2, args.max_real or 200
+        args.lr_warmup_steps, args.projector_dim = 1, 16
+        args.model = dict(patch_size=2, num_layers=3, attention_head_dim=8, num_attention_heads=2)
+    return args
+
+
+def write_captioned_digits(root: Path, resolution: int) -> Path:
+    """The quickstart's digits folders plus `metadata.jsonl`: each image with one paraphrase of its class."""
+    import quickstart_assets
+
+    quickstart_assets.write_digits_imagefolder(root, resolution)
+    rows = []
+    for path in sorted(root.glob("[0-9]/*.png")):
+        label, index = int(path.parent.name), int(path.stem)
+        rows.append(json.dumps({"file_name": f"{label}/{path.name}", "text": caption_for(label, index)}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def evaluate_run(folder: Path, pipe_folder: Path, args, real, real_labels, classifier, extra_seconds=0.0):
+    """Score the EMA weights of every checkpoint of a run through StableDiffusion3Pipeline (no CFG):
+    [{step, train_seconds, fid, accuracy}]; the intended class of a sample is the one its prompt names."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from diffusers_selftrans import evaluation as E
+    from diffusers_selftrans import training as T
+
+    log = {json.loads(line)["step"]: json.loads(line) for line in (folder / "loss_log.jsonl").read_text().splitlines()}
+    prompts = [caption_for(c, i) for c in range(len(NUMBER_WORDS)) for i in range(args.samples_per_class)]
+    labels = np.array([class_of_caption(p) for p in prompts])
+    points = []
+    for ckpt in T.list_checkpoints(folder):
+        step = T.checkpoint_step(ckpt)
+        model = SD3Transformer2DModel.from_pretrained(ckpt / "transformer_ema").eval()
+        pipe = StableDiffusion3Pipeline.from_pretrained(pipe_folder, transformer=model)
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = prompts[start:start + args.batch_size]
+            generators = [torch.Generator().manual_seed(1234 + start + i) for i in range(len(chunk))]
+            images.append(pipe(prompt=chunk, height=args.resolution, width=args.resolution, guidance_scale=1.0,
+                               num_inference_steps=args.sampling_steps, max_sequence_length=TINY_T5_LENGTH,
+                               generator=generators, output_type="np").images)
+        images = E.to_uint8_nhwc(np.concatenate(images))
+        metrics = E.evaluate_samples(real, real_labels, images, labels, classifier)
+        points.append({"step": step, "train_seconds": log[step]["train_seconds"] + extra_seconds,
+                       "fid": metrics["fid"], "accuracy": metrics["accuracy"]})
+    return points
+
+
+def main(args=None):
+    args = args if isinstance(args, argparse.Namespace) else parse_args(args)
+    import convergence  # benchmarks/convergence.py: real-image loading, summary, table and plot
+    import train_self_transcendence_t2i as t2i
+    from diffusers import AutoencoderKL
+
+    from diffusers_selftrans import evaluation as E
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    # 1. Captioned digits, the real images and the scoring classifier (as convergence.py), the tiny SD3 pipeline
+    data_dir = write_captioned_digits(out / "data" / "digits", args.resolution)
+    real, real_labels, num_classes = convergence.load_folder_images(str(data_dir), args.resolution, args.max_real)
+    classifier = E.train_feature_classifier(real, real_labels, num_classes=num_classes, seed=0,
+                                            cache_dir=str(out / "eval_cache"), input_size=args.resolution)
+    vae = AutoencoderKL.from_pretrained(args.vae_name_or_path)
+    latent_side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    config = tiny_transformer_config("sd3", latent_side, vae.config.latent_channels, args.model["num_layers"],
+                                     args.model["attention_head_dim"], args.model["num_attention_heads"])
+    pipe_folder = out / "pipeline"
+    if not (pipe_folder / "model_index.json").exists():
+        write_tiny_t2i_pipeline(pipe_folder, "sd3", vae=vae, transformer_config=config)
+    (out / "mmdit.json").write_text(json.dumps(config))
+    stop = args.guide_stop_step or max(1, args.steps // 4)
+
+    # 2. Per seed: stage 1 (the guiding model), stage 2 on it, and vanilla, all from scratch at equal steps
+    curves = {name: {} for name in RUNS}
+    for seed in args.seeds:
+        common = ["--pretrained_model_name_or_path", str(pipe_folder), "--transformer_config", str(out / "mmdit.json"),
+                  "--train_data_dir", str(data_dir), "--cache_dir", str(out / "hf_cache"),
+                  "--resolution", str(args.resolution), "--train_batch_size", str(args.batch_size),
+                  "--seed", str(seed), "--max_train_steps", str(args.steps), "--checkpointing_steps",
+                  str(args.eval_every), "--validation_steps", str(10 ** 9), "--report_to", "none",
+                  "--ema_decay", str(args.ema_decay), "--learning_rate", str(args.learning_rate),
+                  "--lr_warmup_steps", str(args.lr_warmup_steps), "--projector_dim", str(args.projector_dim),
+                  "--max_sequence_length", str(TINY_T5_LENGTH), "--logging_steps", str(args.eval_every),
+                  "--validation_num_inference_steps", str(args.sampling_steps), "--no-progress",
+                  "--validation_prompts", *[caption_for(c, 0) for c in range(4)]]
+        runs = out / "runs" / f"seed{seed}"
+        flags = {"stage1": ["--stage", "1"], "vanilla": ["--stage", "1", "--align_loss_weight", "0"],
+                 "self_transcendence": ["--stage", "2", "--guiding_model_name_or_path", str(runs / "stage1"),
+                                        "--guide_stop_step", str(stop)]}
+        for name in ("stage1", "self_transcendence", "vanilla"):
+            if not (runs / name / "model_index.json").exists():
+                print(f"[seed {seed}] {name}", flush=True)
+                t2i.main(common + flags[name] + ["--output_dir", str(runs / name)])
+        stage1_seconds = convergence.read_log(runs / "stage1")[args.steps]["train_seconds"]
+        for name in RUNS:
+            extra = stage1_seconds if name == "self_transcendence" else 0.0
+            curves[name][seed] = evaluate_run(runs / name, pipe_folder, args, real, real_labels, classifier, extra)
+
+    # 3. Mean and spread over seeds, the table and the plot (convergence.py's), everything in curves.json
+    summary = convergence.summarize(curves, list(RUNS))
+    result = {"settings": {k: v for k, v in vars(args).items()}, "curves": curves, "summary": summary,
+              "benchmark_seconds": round(time.perf_counter() - start, 1), "machine": os.uname().machine}
+    (out / "curves.json").write_text(json.dumps(result, indent=2, default=str))
+    table = convergence.write_report(summary, args, out)
+    print(table)
+    print(f"\nWrote {out / 'curves.json'}, {out / 'results.md'}, {out / 'convergence.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -126,7 +126,9 @@ def parse_args(input_args=None):
     g.add_argument("--guided_layer", type=int, default=None, help="Stage 2 student block (default n/2: 12 of 24).")
     g.add_argument("--guiding_layer", type=int, default=None, help="Stage 2 teacher block (default 2n/3: 16 of 24).")
     g.add_argument("--guide_cfg_scale", type=float, default=None, help="w (default 5).")
-    g.add_argument("--align_loss_weight", type=float, default=None, help="lambda of either stage's loss (default 0.5).")
+    g.add_argument("--align_loss_weight", type=float, default=None,
+                   help="lambda of either stage's loss (default 0.5). `--stage 1 --align_loss_weight 0` trains the "
+                        "vanilla baseline (no alignment head at all).")
     g.add_argument("--guide_stop_step", type=int, default=None, help="Stage 2: guide off from this step (default 50K).")
     g.add_argument("--t_range", type=float, nargs=2, default=None,
                    help="Only apply the alignment loss for t in this range (released T2I setting: every t).")
@@ -360,6 +362,8 @@ def load_student(args, transformer_cls):
 def alignment_for_stage(args, model, family, null, device):
     """Stage 1: `vae_align`; stage 2: `self_transcendence` with the stage-1 EMA transformer as the frozen teacher.
     Released T2I defaults (`default_t2i_options`), each overridable by its flag."""
+    if args.stage == 1 and args.align_loss_weight == 0:  # the vanilla baseline: flow matching only, no head
+        return build_alignment("none", model)
     n = sum(len(getattr(model, name, [])) for name in ("transformer_blocks", "single_transformer_blocks"))
     method = "vae_align" if args.stage == 1 else "self_transcendence"
     options = default_t2i_options(method, n)
