@@ -7,14 +7,14 @@ The quickstart's data (scikit-learn's 1,797 digits, upsampled to 32x32, the bund
 seven", "the digit 7", ...). A tiny `StableDiffusion3Pipeline` is written first: random tiny CLIP-L/CLIP-G/T5 text
 encoders (frozen, never trained: the captions still differ through their tokens), character-level tokenizers, the
 digits VAE and a flow-matching Euler scheduler. Per seed: stage 1 (VAE alignment, the guiding model), then stage 2 and
-a vanilla run (`--align_loss_weight 0`-free: the plain flow-matching loss, i.e. stage 1 with weight 0) at equal steps,
+a vanilla run (`--stage 1 --align_loss_weight 0`: the plain flow-matching loss, no head) at equal steps,
 all with `examples/train_self_transcendence_t2i.py`. Every `--eval_every` steps the EMA checkpoint is sampled through
 `StableDiffusion3Pipeline` (class-balanced prompts, Euler, no CFG) and scored like `benchmarks/convergence.py`:
 feature-FID of a small digits classifier and its accuracy on the class named by the prompt.
 
 Writes `curves.json`, `results.md` and `convergence_t2i.png` into `--output_dir`.
 
-    python benchmarks/convergence_t2i.py                                   # 3 seeds (benchmarks/results/convergence_t2i/)
+    python benchmarks/convergence_t2i.py                       # 3 seeds (benchmarks/results/convergence_t2i/)
     python benchmarks/convergence_t2i.py --smoke --output_dir /tmp/smoke   # seconds; the test suite runs this
 """
 
@@ -184,7 +184,8 @@ def parse_args(input_args=None):
     p.add_argument("--resolution", type=int, default=DIGITS_RESOLUTION)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=600, help="Steps of every run (and of the stage-1 guiding model).")
-    p.add_argument("--guide_stop_step", type=int, default=None, help="Default: a quarter of --steps (as convergence.py).")
+    p.add_argument("--guide_stop_step", type=int, default=None,
+                   help="Default: a quarter of --steps (as convergence.py).")
     p.add_argument("--eval_every", type=int, default=150)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--ema_decay", type=float, default=SHORT_RUN_EMA_DECAY)

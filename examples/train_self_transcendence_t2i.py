@@ -2,7 +2,8 @@
 # Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
 """Self-Transcendence for text-to-image on diffusers' own transformers (SD3, PixArt-Sigma, Sana, Flux), on `accelerate`.
 
-One script, both stages (the released T2I setting, method-notes §3.4, `train_t2i_vaeloss.sh` / `train_t2i_self_trans.sh`):
+One script, both stages (the released T2I setting, method-notes §3.4, `train_t2i_vaeloss.sh` and
+`train_t2i_self_trans.sh`):
 
 - `--stage 1`: the guiding model. Block n/6 (4 of 24) goes through an MLP + head to the latent grid and regresses the
   velocity (VAE alignment), weight 0.5, at every t. No teacher. (Flux is not supported here: packed 2x2 tokens.)
@@ -12,10 +13,12 @@ One script, both stages (the released T2I setting, method-notes §3.4, `train_t2
   stage-1 output's EMA transformer (`--guiding_model_name_or_path stage1_output`).
 
     accelerate launch examples/train_self_transcendence_t2i.py --stage 1 \
-        --pretrained_model_name_or_path stabilityai/stable-diffusion-3-medium-diffusers --transformer_config mmdit.json \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-3-medium-diffusers \
+        --transformer_config mmdit.json \
         --dataset_name my/coco-captions --caption_column text --output_dir t2i-stage1
     accelerate launch examples/train_self_transcendence_t2i.py --stage 2 --guiding_model_name_or_path t2i-stage1 \
-        --pretrained_model_name_or_path stabilityai/stable-diffusion-3-medium-diffusers --transformer_config mmdit.json \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-3-medium-diffusers \
+        --transformer_config mmdit.json \
         --dataset_name my/coco-captions --caption_column text --output_dir t2i-stage2
 
 The pipeline named by `--pretrained_model_name_or_path` provides the VAE, the frozen text encoders and tokenizers
@@ -37,7 +40,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -87,8 +90,8 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0])
     g = parser.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=False, default=None,
-                   help="A diffusers SD3 / PixArt-Sigma / Sana / Flux pipeline folder or Hub id: VAE, text encoders and "
-                        "tokenizers from its subfolders, and its transformer unless --transformer_config is given.")
+                   help="A diffusers SD3 / PixArt-Sigma / Sana / Flux pipeline folder or Hub id: VAE, text encoders "
+                        "and tokenizers from its subfolders, and its transformer unless --transformer_config is given.")
     g.add_argument("--revision", type=str, default=None)
     g.add_argument("--transformer_config", type=str, default=None,
                    help="A transformer config JSON of the pipeline's transformer class: train from scratch.")
@@ -443,10 +446,16 @@ def main(args=None):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # EMAModel keeps full-size shadow weights of the parameters it was built on, and the checkpoint hooks call
+        # save_pretrained on the unwrapped model: with sharded parameters both would be wrong, not just slow.
+        raise NotImplementedError("FSDP is not supported by this script yet (EMA and checkpoint hooks assume "
+                                  "unsharded parameters); use DDP (`accelerate launch --multi_gpu`).")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
@@ -552,8 +561,8 @@ def main(args=None):
     else:
         set_seed(args.seed, device_specific=True)
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers(args.tracker_project_name or output_dir.name,
-                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        scalars = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name or output_dir.name, config=scalars)
 
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="train",
                     disable=not (args.progress and accelerator.is_local_main_process))

@@ -48,7 +48,8 @@ def flags(assets, family, output_dir, **extra):
     base = {"pretrained_model_name_or_path": assets / f"pipe_{family}", "train_data_dir": assets / "data",
             "cache_dir": assets / "hf_cache", "resolution": RESOLUTION, "train_batch_size": 2, "max_train_steps": 4,
             "checkpointing_steps": 2, "validation_steps": 100, "validation_num_inference_steps": 2,
-            "projector_dim": 16, "lr_warmup_steps": 2, "max_sequence_length": 16, "output_dir": output_dir, "report_to": "none", "seed": 0}
+            "projector_dim": 16, "lr_warmup_steps": 2, "max_sequence_length": 16, "output_dir": output_dir,
+            "report_to": "none", "seed": 0}
     base.update(extra)
     argv = []
     for key, value in base.items():
