@@ -289,6 +289,7 @@ def main(args=None):
                   "--lr_warmup_steps", str(args.lr_warmup_steps), "--projector_dim", str(args.projector_dim),
                   "--max_sequence_length", str(TINY_T5_LENGTH), "--logging_steps", str(args.eval_every),
                   "--validation_num_inference_steps", str(args.sampling_steps), "--no-progress",
+                  "--precompute_text_embeddings",  # 40 distinct captions: encode each once
                   "--validation_prompts", *[caption_for(c, 0) for c in range(4)]]
         runs = out / "runs" / f"seed{seed}"
         flags = {"stage1": ["--stage", "1"], "vanilla": ["--stage", "1", "--align_loss_weight", "0"],
