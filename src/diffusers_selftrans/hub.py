@@ -26,20 +26,22 @@ HUB_IGNORE_PATTERNS = [f"{CHECKPOINT_PREFIX}*", "logs/*", "*.tmp", "samples/step
 def render_model_card(output_dir: Union[str, os.PathLike], *, template: str, hyperparameters: dict, command: str,
                       repo_id: str, dataset: Optional[str] = None, data_description: Optional[str] = None,
                       metrics: Optional[dict] = None, sample_image: Optional[str] = None,
-                      base_model: Optional[str] = None, extra: Optional[dict] = None):
+                      base_model: Optional[str] = None, extra: Optional[dict] = None,
+                      tags: Optional[List[str]] = None, pipeline_tag: str = "unconditional-image-generation"):
     """Render the package's `model_cards/<template>` into `output_dir/README.md` with Hub front matter. `dataset`: a Hub
-    id (front matter and text); `data_description`: other data, text only; `hyperparameters`: JSON, no secrets."""
+    id (front matter and text); `data_description`: other data, text only; `hyperparameters`: JSON, no secrets;
+    `tags` / `pipeline_tag`: the Hub metadata (default: a class-conditional SiT's)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     template_text = read_model_card_template(template)
     card_data = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
-        tags=["diffusers", "diffusers-selftrans", "sit", "self-transcendence", "class-conditional",
-              "image-generation", "flow-matching"],
+        tags=tags or ["diffusers", "diffusers-selftrans", "sit", "self-transcendence", "class-conditional",
+                      "image-generation", "flow-matching"],
         datasets=[dataset] if dataset else None,
         base_model=base_model,
-        pipeline_tag="unconditional-image-generation",
+        pipeline_tag=pipeline_tag,
     )
     card = ModelCard.from_template(
         card_data,
@@ -71,13 +73,14 @@ def read_model_card_template(template: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def push_to_hub(folder: Union[str, os.PathLike], repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
+def push_to_hub(folder: Union[str, os.PathLike], repo_id: str, token: Optional[str] = None, private: bool = False,
+                commit_message: str = "Upload SiT pipeline") -> str:
     """Upload `folder` (without checkpoints, logs and step grids: `HUB_IGNORE_PATTERNS`) to `repo_id`; returns the id."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id=repo_id, exist_ok=True, private=private).repo_id
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload SiT pipeline",
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
                       ignore_patterns=HUB_IGNORE_PATTERNS)
     return repo_id
 

@@ -289,19 +289,24 @@ def unwrap(accelerator, model: nn.Module) -> nn.Module:
 # Checkpoints
 
 
-def register_checkpoint_hooks(accelerator, ema=None):
-    """Save the prepared SiT as `transformer/`, an `AlignmentProjector` as `projector/` (both `save_pretrained`
-    folders) and the EMA as `transformer_ema/`; load them back on resume. Other modules stay with accelerate."""
+def register_checkpoint_hooks(accelerator, ema=None, transformer_cls=None):
+    """Save the prepared transformer as `transformer/`, an `AlignmentProjector` as `projector/` (both `save_pretrained`
+    folders) and the EMA as `transformer_ema/`; load them back on resume. Other modules stay with accelerate.
+
+    `transformer_cls`: the transformer's class (default our `SiTTransformer2DModel`; the T2I script passes the
+    diffusers class it trains, e.g. `SD3Transformer2DModel`)."""
+    transformer_cls = transformer_cls or SiTTransformer2DModel
+    handled = (transformer_cls, AlignmentProjector)
 
     def folder_name(model) -> str:
-        return "transformer" if isinstance(model, SiTTransformer2DModel) else "projector"
+        return "transformer" if isinstance(model, transformer_cls) else "projector"
 
     def save_hook(models, weights, output_dir):
         if not accelerator.is_main_process:
             return
         for i in reversed(range(len(models))):
             model = getattr(models[i], "_orig_mod", models[i])
-            if isinstance(model, (SiTTransformer2DModel, AlignmentProjector)):
+            if isinstance(model, handled):
                 model.save_pretrained(os.path.join(output_dir, folder_name(model)))
                 weights.pop(i)
         if ema is not None:
@@ -310,12 +315,12 @@ def register_checkpoint_hooks(accelerator, ema=None):
     def load_hook(models, input_dir):
         for i in reversed(range(len(models))):
             model = getattr(models[i], "_orig_mod", models[i])
-            if isinstance(model, (SiTTransformer2DModel, AlignmentProjector)):
+            if isinstance(model, handled):
                 loaded = type(model).from_pretrained(os.path.join(input_dir, folder_name(model)))
                 model.load_state_dict(loaded.state_dict())
                 models.pop(i)
         if ema is not None:
-            loaded = type(ema).from_pretrained(os.path.join(input_dir, "transformer_ema"), SiTTransformer2DModel,
+            loaded = type(ema).from_pretrained(os.path.join(input_dir, "transformer_ema"), transformer_cls,
                                                foreach=ema.foreach)
             ema.load_state_dict(loaded.state_dict())
 

@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
+"""Text-to-image convergence benchmark: vanilla vs Self-Transcendence stage 2 on a tiny SD3-style MM-DiT from scratch.
+
+The quickstart's data (scikit-learn's 1,797 digits, upsampled to 32x32, the bundled digits VAE
+`examples/assets/digits-vae`) with captions: every image gets one of a few paraphrases of its class ("a handwritten
+seven", "the digit 7", ...). A tiny `StableDiffusion3Pipeline` is written first: random tiny CLIP-L/CLIP-G/T5 text
+encoders (frozen, never trained: the captions still differ through their tokens), character-level tokenizers, the
+digits VAE and a flow-matching Euler scheduler. Per seed: stage 1 (VAE alignment, the guiding model), then stage 2 and
+a vanilla run (`--stage 1 --align_loss_weight 0`: the plain flow-matching loss, no head) at equal steps,
+all with `examples/train_self_transcendence_t2i.py`. Every `--eval_every` steps the EMA checkpoint is sampled through
+`StableDiffusion3Pipeline` (class-balanced prompts, Euler, no CFG) and scored like `benchmarks/convergence.py`:
+feature-FID of a small digits classifier and its accuracy on the class named by the prompt.
+
+Writes `curves.json`, `results.md` and `convergence_t2i.png` into `--output_dir`.
+
+    python benchmarks/convergence_t2i.py                       # 3 seeds (benchmarks/results/convergence_t2i/)
+    python benchmarks/convergence_t2i.py --smoke --output_dir /tmp/smoke   # seconds; the test suite runs this
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# Paraphrases per class: the class of a sample is read from its caption.
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION_TEMPLATES = ("a handwritten {word}", "the digit {digit}", "a drawing of the number {word}",
+                     "handwritten digit {digit}")
+# Tiny text side: CLIP token budget (SD3's is 77) and T5 length, in characters (character-level tokenizers: the
+# longest caption, "a drawing of the number seven", is 29 plus start/end); widths of the random text encoders.
+TINY_CLIP_LENGTH = 32
+TINY_T5_LENGTH = 32
+TINY_CLIP_WIDTH = 16
+TINY_CLIP_PROJECTION = 8
+TINY_T5_WIDTH = 32
+TINY_TEXT_LAYERS = 2
+# Characters of the tokenizers' vocabularies (lower-case captions, digits and basic punctuation).
+TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,'-"
+# Same short-run choices as benchmarks/convergence.py (its constants, for the same reasons).
+SHORT_RUN_EMA_DECAY = 0.99
+TINY_LEARNING_RATE = 1e-3
+# A short run cannot afford the released 5K warm-up steps: 5 % of the default 600 steps.
+TINY_WARMUP_STEPS = 30
+# Tiny SD3-style MM-DiT (6 blocks, width 128: the quickstart SiT's depth and width) on 4 x 8 x 8 latents.
+TINY_MMDIT = dict(patch_size=2, num_layers=6, attention_head_dim=32, num_attention_heads=4)
+DIGITS_RESOLUTION = 32
+
+
+def caption_for(label: int, index: int) -> str:
+    template = CAPTION_TEMPLATES[index % len(CAPTION_TEMPLATES)]
+    return template.format(word=NUMBER_WORDS[label], digit=label)
+
+
+def class_of_caption(caption: str) -> int:
+    """The digit a caption names (its number word or its numeral); an error if it names none or several."""
+    words = caption.lower().replace(",", " ").split()
+    found = {i for i, w in enumerate(NUMBER_WORDS) if w in words} | {int(w) for w in words if w.isdigit()}
+    if len(found) != 1:
+        raise ValueError(f"Caption {caption!r} names {sorted(found) or 'no'} digit(s); expected exactly one.")
+    return found.pop()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A tiny T2I pipeline folder, built offline (also used by tests/test_train_t2i.py)
+
+
+def clip_tokenizer(max_length: int):
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in TOKEN_CHARS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def t5_tokenizer(max_length: int):
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in TOKEN_CHARS] + [("\u2581" + c, -2.5) for c in TOKEN_CHARS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def clip_encoder(vocab_size: int, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TINY_CLIP_WIDTH, intermediate_size=2 * TINY_CLIP_WIDTH,
+        num_hidden_layers=TINY_TEXT_LAYERS, num_attention_heads=2, max_position_embeddings=TINY_CLIP_LENGTH,
+        projection_dim=TINY_CLIP_PROJECTION, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+
+
+def t5_encoder(vocab_size: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=TINY_T5_WIDTH, d_kv=8, d_ff=2 * TINY_T5_WIDTH, num_layers=TINY_TEXT_LAYERS,
+        num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0)).eval()
+
+
+def tiny_vae(latent_channels: int = 4, sample_size: int = 16):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels,
+                         norm_num_groups=8, sample_size=sample_size)
+
+
+def tiny_transformer_config(family: str, latent_side: int, latent_channels: int = 4, num_layers: int = 3,
+                            head_dim: int = 8, heads: int = 2) -> dict:
+    """A tiny transformer config matching `write_tiny_t2i_pipeline`'s text encoders."""
+    if family == "sd3":
+        return dict(sample_size=latent_side, patch_size=2, in_channels=latent_channels, num_layers=num_layers,
+                    attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=TINY_T5_WIDTH,
+                    caption_projection_dim=head_dim * heads, pooled_projection_dim=2 * TINY_CLIP_PROJECTION,
+                    out_channels=latent_channels, pos_embed_max_size=latent_side)
+    if family == "pixart":
+        return dict(sample_size=latent_side, num_layers=num_layers, patch_size=2, attention_head_dim=head_dim,
+                    num_attention_heads=heads, in_channels=latent_channels, out_channels=2 * latent_channels,
+                    cross_attention_dim=head_dim * heads, caption_channels=TINY_T5_WIDTH,
+                    use_additional_conditions=False)
+    raise ValueError(f"No tiny config for {family!r} (sd3, pixart).")
+
+
+def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_config=None, seed: int = 0) -> Path:
+    """Save a random tiny `StableDiffusion3Pipeline` ("sd3": CLIP-L, CLIP-G, T5) or `PixArtSigmaPipeline` ("pixart":
+    T5) with character-level tokenizers into `folder`, loadable offline by `<Pipeline>.from_pretrained(folder)`."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    vae = vae if vae is not None else tiny_vae()
+    if family == "sd3" and vae.config.shift_factor is None:
+        vae.register_to_config(shift_factor=0.0)  # StableDiffusion3Pipeline adds it when decoding; 0 changes nothing
+    latent_side = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    config = transformer_config or tiny_transformer_config(family, latent_side, vae.config.latent_channels)
+    t5_tok = t5_tokenizer(TINY_T5_LENGTH)
+    t5 = t5_encoder(len(t5_tok), seed + 3)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    torch.manual_seed(seed)
+    if family == "sd3":
+        tok = clip_tokenizer(TINY_CLIP_LENGTH)
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=diffusers.SD3Transformer2DModel(**config), scheduler=scheduler, vae=vae,
+            text_encoder=clip_encoder(len(tok), seed + 1), tokenizer=tok,
+            text_encoder_2=clip_encoder(len(tok), seed + 2), tokenizer_2=clip_tokenizer(TINY_CLIP_LENGTH),
+            text_encoder_3=t5, tokenizer_3=t5_tok)
+    elif family == "pixart":
+        pipe = diffusers.PixArtSigmaPipeline(
+            transformer=diffusers.PixArtTransformer2DModel(**config), scheduler=scheduler, vae=vae,
+            text_encoder=t5, tokenizer=t5_tok)
+    else:
+        raise ValueError(f"No tiny pipeline for {family!r} (sd3, pixart).")
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The benchmark
+
+RUNS = ("vanilla", "stage1", "self_transcendence")
+
+
+def parse_args(input_args=None):
+    import quickstart_assets
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output_dir", type=str, default=str(ROOT / "benchmarks" / "results" / "convergence_t2i"))
+    p.add_argument("--vae_name_or_path", type=str, default=str(quickstart_assets.DEFAULT_VAE_PATH))
+    p.add_argument("--resolution", type=int, default=DIGITS_RESOLUTION)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=600, help="Steps of every run (and of the stage-1 guiding model).")
+    p.add_argument("--guide_stop_step", type=int, default=None,
+                   help="Default: a quarter of --steps (as convergence.py).")
+    p.add_argument("--eval_every", type=int, default=150)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--ema_decay", type=float, default=SHORT_RUN_EMA_DECAY)
+    p.add_argument("--learning_rate", type=float, default=TINY_LEARNING_RATE)
+    p.add_argument("--lr_warmup_steps", type=int, default=TINY_WARMUP_STEPS)
+    p.add_argument("--projector_dim", type=int, default=512, help="Alignment MLP width (4 D, as convergence.py).")
+    p.add_argument("--samples_per_class", type=int, default=30)
+    p.add_argument("--sampling_steps", type=int, default=25)
+    p.add_argument("--max_real", type=int, default=None)
+    p.add_argument("--smoke", action="store_true", help="A tiny model, a few steps, one seed: checks the plumbing.")
+    args = p.parse_args(input_args)
+    args.model = dict(TINY_MMDIT)
+    if args.smoke:
+        args.seeds, args.steps, args.eval_every, args.batch_size = args.seeds[:1], 4, 2, 8
+        args.samples_per_class, args.sampling_steps, args.max_real = 2, 2, args.max_real or 200
+        args.lr_warmup_steps, args.projector_dim = 1, 16
+        args.model = dict(patch_size=2, num_layers=3, attention_head_dim=8, num_attention_heads=2)
+    return args
+
+
+def write_captioned_digits(root: Path, resolution: int) -> Path:
+    """The quickstart's digits folders plus `metadata.jsonl`: each image with one paraphrase of its class."""
+    import quickstart_assets
+
+    quickstart_assets.write_digits_imagefolder(root, resolution)
+    rows = []
+    for path in sorted(root.glob("[0-9]/*.png")):
+        label, index = int(path.parent.name), int(path.stem)
+        rows.append(json.dumps({"file_name": f"{label}/{path.name}", "text": caption_for(label, index)}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def evaluate_run(folder: Path, pipe_folder: Path, args, real, real_labels, classifier, extra_seconds=0.0):
+    """Score the EMA weights of every checkpoint of a run through StableDiffusion3Pipeline (no CFG):
+    [{step, train_seconds, fid, accuracy}]; the intended class of a sample is the one its prompt names."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from diffusers_selftrans import evaluation as E
+    from diffusers_selftrans import training as T
+
+    log = {json.loads(line)["step"]: json.loads(line) for line in (folder / "loss_log.jsonl").read_text().splitlines()}
+    prompts = [caption_for(c, i) for c in range(len(NUMBER_WORDS)) for i in range(args.samples_per_class)]
+    labels = np.array([class_of_caption(p) for p in prompts])
+    points = []
+    for ckpt in T.list_checkpoints(folder):
+        step = T.checkpoint_step(ckpt)
+        model = SD3Transformer2DModel.from_pretrained(ckpt / "transformer_ema").eval()
+        pipe = StableDiffusion3Pipeline.from_pretrained(pipe_folder, transformer=model)
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = prompts[start:start + args.batch_size]
+            generators = [torch.Generator().manual_seed(1234 + start + i) for i in range(len(chunk))]
+            images.append(pipe(prompt=chunk, height=args.resolution, width=args.resolution, guidance_scale=1.0,
+                               num_inference_steps=args.sampling_steps, max_sequence_length=TINY_T5_LENGTH,
+                               generator=generators, output_type="np").images)
+        images = E.to_uint8_nhwc(np.concatenate(images))
+        metrics = E.evaluate_samples(real, real_labels, images, labels, classifier)
+        points.append({"step": step, "train_seconds": log[step]["train_seconds"] + extra_seconds,
+                       "fid": metrics["fid"], "accuracy": metrics["accuracy"]})
+    return points
+
+
+def main(args=None):
+    args = args if isinstance(args, argparse.Namespace) else parse_args(args)
+    import convergence  # benchmarks/convergence.py: real-image loading, summary, table and plot
+    import train_self_transcendence_t2i as t2i
+    from diffusers import AutoencoderKL
+
+    from diffusers_selftrans import evaluation as E
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    # 1. Captioned digits, the real images and the scoring classifier (as convergence.py), the tiny SD3 pipeline
+    data_dir = write_captioned_digits(out / "data" / "digits", args.resolution)
+    real, real_labels, num_classes = convergence.load_folder_images(str(data_dir), args.resolution, args.max_real)
+    classifier = E.train_feature_classifier(real, real_labels, num_classes=num_classes, seed=0,
+                                            cache_dir=str(out / "eval_cache"), input_size=args.resolution)
+    vae = AutoencoderKL.from_pretrained(args.vae_name_or_path)
+    latent_side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    config = tiny_transformer_config("sd3", latent_side, vae.config.latent_channels, args.model["num_layers"],
+                                     args.model["attention_head_dim"], args.model["num_attention_heads"])
+    pipe_folder = out / "pipeline"
+    if not (pipe_folder / "model_index.json").exists():
+        write_tiny_t2i_pipeline(pipe_folder, "sd3", vae=vae, transformer_config=config)
+    (out / "mmdit.json").write_text(json.dumps(config))
+    stop = args.guide_stop_step or max(1, args.steps // 4)
+
+    # 2. Per seed: stage 1 (the guiding model), stage 2 on it, and vanilla, all from scratch at equal steps
+    curves = {name: {} for name in RUNS}
+    for seed in args.seeds:
+        common = ["--pretrained_model_name_or_path", str(pipe_folder), "--transformer_config", str(out / "mmdit.json"),
+                  "--train_data_dir", str(data_dir), "--cache_dir", str(out / "hf_cache"),
+                  "--resolution", str(args.resolution), "--train_batch_size", str(args.batch_size),
+                  "--seed", str(seed), "--max_train_steps", str(args.steps), "--checkpointing_steps",
+                  str(args.eval_every), "--validation_steps", str(10 ** 9), "--report_to", "none",
+                  "--ema_decay", str(args.ema_decay), "--learning_rate", str(args.learning_rate),
+                  "--lr_warmup_steps", str(args.lr_warmup_steps), "--projector_dim", str(args.projector_dim),
+                  "--max_sequence_length", str(TINY_T5_LENGTH), "--logging_steps", str(args.eval_every),
+                  "--validation_num_inference_steps", str(args.sampling_steps), "--no-progress",
+                  "--precompute_text_embeddings",  # 40 distinct captions: encode each once
+                  "--validation_prompts", *[caption_for(c, 0) for c in range(4)]]
+        runs = out / "runs" / f"seed{seed}"
+        flags = {"stage1": ["--stage", "1"], "vanilla": ["--stage", "1", "--align_loss_weight", "0"],
+                 "self_transcendence": ["--stage", "2", "--guiding_model_name_or_path", str(runs / "stage1"),
+                                        "--guide_stop_step", str(stop)]}
+        for name in ("stage1", "self_transcendence", "vanilla"):
+            if not (runs / name / "model_index.json").exists():
+                print(f"[seed {seed}] {name}", flush=True)
+                t2i.main(common + flags[name] + ["--output_dir", str(runs / name)])
+        stage1_seconds = convergence.read_log(runs / "stage1")[args.steps]["train_seconds"]
+        for name in RUNS:
+            extra = stage1_seconds if name == "self_transcendence" else 0.0
+            curves[name][seed] = evaluate_run(runs / name, pipe_folder, args, real, real_labels, classifier, extra)
+
+    # 3. Mean and spread over seeds, the table and the plot (convergence.py's), everything in curves.json
+    summary = convergence.summarize(curves, list(RUNS))
+    result = {"settings": {k: v for k, v in vars(args).items()}, "curves": curves, "summary": summary,
+              "benchmark_seconds": round(time.perf_counter() - start, 1), "machine": os.uname().machine}
+    (out / "curves.json").write_text(json.dumps(result, indent=2, default=str))
+    table = convergence.write_report(summary, args, out)
+    print(table)
+    print(f"\nWrote {out / 'curves.json'}, {out / 'results.md'}, {out / 'convergence.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,674 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
+"""Self-Transcendence for text-to-image on diffusers' own transformers (SD3, PixArt-Sigma, Sana, Flux), on `accelerate`.
+
+One script, both stages (the released T2I setting, method-notes §3.4, `train_t2i_vaeloss.sh` and
+`train_t2i_self_trans.sh`):
+
+- `--stage 1`: the guiding model. Block n/6 (4 of 24) goes through an MLP + head to the latent grid and regresses the
+  velocity (VAE alignment), weight 0.5, at every t. No teacher. (Flux is not supported here: packed 2x2 tokens.)
+- `--stage 2` (default): the student's block n/2 (12 of 24) regresses, through an MLP, the classifier-free-guided
+  features f_u + w (f_c - f_u), w = 5, of the frozen stage-1 model's block 2n/3 (16 of 24): f_c with the caption,
+  f_u with the empty prompt's embeddings. Weight 0.5, every t, the guide stops after 50K steps. The teacher is the
+  stage-1 output's EMA transformer (`--guiding_model_name_or_path stage1_output`).
+
+    accelerate launch examples/train_self_transcendence_t2i.py --stage 1 \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-3-medium-diffusers \
+        --transformer_config mmdit.json \
+        --dataset_name my/coco-captions --caption_column text --output_dir t2i-stage1
+    accelerate launch examples/train_self_transcendence_t2i.py --stage 2 --guiding_model_name_or_path t2i-stage1 \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-3-medium-diffusers \
+        --transformer_config mmdit.json \
+        --dataset_name my/coco-captions --caption_column text --output_dir t2i-stage2
+
+The pipeline named by `--pretrained_model_name_or_path` provides the VAE, the frozen text encoders and tokenizers
+(and the transformer when fine-tuning); `--transformer_config` trains a transformer from scratch instead. Text
+embeddings are the pipeline's own `encode_prompt` (what its `__call__` uses at inference). Time follows our
+convention (x_t = (1 - t) x0 + t eps, data at t = 0, `Transport`), converted to each model's `timestep` with
+`model_timestep`. `--output_dir` ends as the matching diffusers pipeline folder with the EMA transformer.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from diffusers_selftrans import hub
+from diffusers_selftrans import training as T
+from diffusers_selftrans.alignment import build_alignment, default_t2i_options
+from diffusers_selftrans.data import preprocess_image
+from diffusers_selftrans.models.block_features import BlockFeatures, model_timestep, model_velocity
+from diffusers_selftrans.transport import Transport
+
+logger = get_logger(__name__)
+
+# The diffusers pipelines this script trains: pipeline class -> (family, transformer class, pipeline's default
+# text length: the `max_sequence_length` default of its `encode_prompt`).
+PIPELINES = {
+    "StableDiffusion3Pipeline": ("sd3", "SD3Transformer2DModel", 256),
+    "PixArtSigmaPipeline": ("pixart", "PixArtTransformer2DModel", 300),
+    "SanaPipeline": ("sana", "SanaTransformer2DModel", 300),
+    "FluxPipeline": ("flux", "FluxTransformer2DModel", 512),
+}
+
+# Released T2I setting (issue 16, `train_t2i_*.sh`): AdamW lr 2e-4, betas (0.9, 0.9), weight decay 0.03, 5K linear
+# warm-up steps, caption dropout 0.1, stage 1 for 150K steps.
+T2I_LEARNING_RATE = 2e-4
+T2I_ADAM_BETA2 = 0.9
+T2I_WEIGHT_DECAY = 0.03
+T2I_WARMUP_STEPS = 5_000
+T2I_CAPTION_DROPOUT = 0.1
+T2I_STAGE1_STEPS = 150_000
+# The released setting gives no separate budget for stage 2; we default to stage 1's (set --max_train_steps).
+T2I_STAGE2_STEPS = T2I_STAGE1_STEPS
+# MS-COCO 256 x 256 (released T2I setting).
+T2I_RESOLUTION = 256
+# FluxPipeline's default `guidance_scale` (3.5), fed to guidance-distilled Flux transformers (`guidance_embeds`).
+FLUX_DEFAULT_GUIDANCE = 3.5
+# Preview prompts when --validation_prompts is not given.
+DEFAULT_VALIDATION_PROMPTS = ("a photograph of an astronaut riding a horse", "a bowl of fruit on a wooden table")
+# A text-embedding cache file per caption (`--precompute_text_embeddings`).
+TEXT_EMBEDDINGS_FOLDER = "text_embeddings"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Arguments
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0])
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, required=False, default=None,
+                   help="A diffusers SD3 / PixArt-Sigma / Sana / Flux pipeline folder or Hub id: VAE, text encoders "
+                        "and tokenizers from its subfolders, and its transformer unless --transformer_config is given.")
+    g.add_argument("--revision", type=str, default=None)
+    g.add_argument("--transformer_config", type=str, default=None,
+                   help="A transformer config JSON of the pipeline's transformer class: train from scratch.")
+    g.add_argument("--stage", type=int, default=2, choices=[1, 2], help="1: VAE alignment; 2: self-transcendence.")
+    g.add_argument("--guiding_model_name_or_path", type=str, default=None,
+                   help="Stage 2: the stage-1 output folder (or Hub id); its transformer/ holds the EMA weights.")
+    g.add_argument("--guiding_model_subfolder", type=str, default="transformer")
+    g.add_argument("--time_sampling", type=str, default="uniform", choices=["uniform", "logit_normal"],
+                   help="Training t density (released setting: uniform).")
+    g.add_argument("--flux_guidance_scale", type=float, default=FLUX_DEFAULT_GUIDANCE,
+                   help="Flux with guidance_embeds: the guidance value fed during training (FluxPipeline's default).")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset_name", type=str, default=None, help="`datasets.load_dataset` id (Hub or local).")
+    g.add_argument("--dataset_config_name", type=str, default=None)
+    g.add_argument("--dataset_split", type=str, default="train")
+    g.add_argument("--train_data_dir", type=str, default=None,
+                   help="Local data: an imagefolder with metadata.jsonl (captions), parquet or webdataset files.")
+    g.add_argument("--image_column", type=str, default="image")
+    g.add_argument("--caption_column", type=str, default="text")
+    g.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="Stream the dataset (default: on for Hub ids, off for local data).")
+    g.add_argument("--shuffle_buffer_size", type=int, default=10_000)
+    g.add_argument("--cache_dir", type=str, default=None)
+    g.add_argument("--hub_token", type=str, default=None)
+    g.add_argument("--resolution", type=int, default=T2I_RESOLUTION)
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="Text tokens (T5 / Gemma). Default: the pipeline's own `encode_prompt` default.")
+    g.add_argument("--caption_dropout", type=float, default=T2I_CAPTION_DROPOUT,
+                   help="Probability of replacing a caption's embeddings by the empty prompt's (CFG).")
+    g.add_argument("--precompute_text_embeddings", action="store_true",
+                   help="Encode each caption once and keep its embeddings on disk (OUTPUT_DIR/text_embeddings/).")
+    g = parser.add_argument_group("self-transcendence")
+    g.add_argument("--align_layer", type=int, default=None, help="Stage 1 block (default n/6: 4 of 24).")
+    g.add_argument("--guided_layer", type=int, default=None, help="Stage 2 student block (default n/2: 12 of 24).")
+    g.add_argument("--guiding_layer", type=int, default=None, help="Stage 2 teacher block (default 2n/3: 16 of 24).")
+    g.add_argument("--guide_cfg_scale", type=float, default=None, help="w (default 5).")
+    g.add_argument("--align_loss_weight", type=float, default=None,
+                   help="lambda of either stage's loss (default 0.5). `--stage 1 --align_loss_weight 0` trains the "
+                        "vanilla baseline (no alignment head at all).")
+    g.add_argument("--guide_stop_step", type=int, default=None, help="Stage 2: guide off from this step (default 50K).")
+    g.add_argument("--t_range", type=float, nargs=2, default=None,
+                   help="Only apply the alignment loss for t in this range (released T2I setting: every t).")
+    g.add_argument("--projector_dim", type=int, default=None, help="Alignment MLP width (default 2048).")
+    T.add_training_args(parser)
+    g = parser.add_argument_group("text-to-image training")
+    g.add_argument("--lr_warmup_steps", type=int, default=T2I_WARMUP_STEPS, help="Linear warm-up, then constant.")
+    g.add_argument("--validation_prompts", type=str, nargs="*", default=None)
+    parser.set_defaults(learning_rate=T2I_LEARNING_RATE, adam_beta2=T2I_ADAM_BETA2,
+                        adam_weight_decay=T2I_WEIGHT_DECAY, output_dir="t2i-selftrans")
+    args = T.parse_args_with_config(parser, input_args)
+    if args.pretrained_model_name_or_path is None:
+        parser.error("--pretrained_model_name_or_path is required (the pipeline that provides VAE and text encoders).")
+    if args.stage == 2 and args.guiding_model_name_or_path is None:
+        parser.error("--stage 2 needs --guiding_model_name_or_path (the stage-1 output).")
+    if args.stage == 1 and args.guiding_model_name_or_path is not None:
+        parser.error("--stage 1 trains the guiding model; it takes no --guiding_model_name_or_path.")
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("Pass --dataset_name or --train_data_dir (images with captions).")
+    if not 0.0 <= args.caption_dropout < 1.0:
+        parser.error(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
+    if args.max_train_steps is None:
+        if args.num_train_epochs is not None:
+            parser.error("Give the T2I run's length in steps (--max_train_steps); epochs are not supported here.")
+        args.max_train_steps = T2I_STAGE1_STEPS if args.stage == 1 else T2I_STAGE2_STEPS
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Data: images and captions, sharded by process, with an exact position for resume
+
+
+class CaptionStream:
+    """Batches `{"pixel_values", "captions"}` for this process. Map-style data: a seeded permutation per epoch,
+    split over processes; streaming: `shuffle(seed, buffer)` + `set_epoch` + `split_dataset_by_node`. The position
+    (epoch, examples read this epoch) is saved per process in each checkpoint; resuming skips to it."""
+
+    def __init__(self, args, batch_size: int, process_index: int, num_processes: int, seed: int):
+        import datasets
+
+        self.args, self.batch_size, self.seed = args, batch_size, seed
+        self.rank, self.world = process_index, num_processes
+        local = args.train_data_dir is not None
+        streaming = args.streaming if args.streaming is not None else not local
+        if local:
+            from diffusers_selftrans.data import _local_builder
+
+            load = dict(_local_builder(args.train_data_dir))
+        else:
+            load = {"path": args.dataset_name, "name": args.dataset_config_name, "token": args.hub_token}
+        ds = datasets.load_dataset(**load, split=args.dataset_split, cache_dir=args.cache_dir, streaming=streaming)
+        columns = list(ds.features) if ds.features is not None else None
+        for what, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+            if columns is not None and column not in columns:
+                raise ValueError(f"{what} {column!r} is not a column of the dataset; columns: {columns}.")
+        self.dataset = ds.cast_column(args.image_column, datasets.Image(decode=False))
+        self.streaming = streaming
+        self.epoch, self.position = 0, 0
+        if not streaming and len(self.dataset) // num_processes < batch_size:
+            raise ValueError(f"{len(self.dataset)} examples cannot fill a batch of {batch_size} on each of "
+                             f"{num_processes} processes.")
+
+    def _example(self, row) -> dict:
+        caption = row[self.args.caption_column]
+        if isinstance(caption, (list, tuple)):  # several captions per image (COCO): the first, deterministically
+            caption = caption[0]
+        if not isinstance(caption, str):
+            raise ValueError(f"Caption {caption!r} in column {self.args.caption_column!r} is not a string.")
+        pixels = preprocess_image(row[self.args.image_column], self.args.resolution)
+        return {"pixel_values": pixels, "caption": caption}
+
+    def _epoch_rows(self, epoch: int):
+        if self.streaming:
+            from datasets.distributed import split_dataset_by_node
+
+            ds = self.dataset.shuffle(seed=self.seed, buffer_size=self.args.shuffle_buffer_size)
+            ds.set_epoch(epoch)
+            yield from split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
+        else:
+            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
+            per_process = len(order) // self.world  # every process the same count: no process waits at a collective
+            for key in order[self.rank * per_process:(self.rank + 1) * per_process].tolist():
+                yield self.dataset[key]
+
+    def __iter__(self):
+        while True:
+            rows = self._epoch_rows(self.epoch)
+            for _ in range(self.position):  # resume: skip what this process already read this epoch
+                next(rows)
+            batch = []
+            for row in rows:
+                batch.append(self._example(row))
+                self.position += 1
+                if len(batch) == self.batch_size:
+                    pixels = torch.stack([b["pixel_values"] for b in batch])
+                    if self.args.random_flip:
+                        flip = torch.rand(len(batch)) < 0.5
+                        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+                    yield {"pixel_values": pixels, "captions": [b["caption"] for b in batch]}
+                    batch = []
+            self.epoch, self.position = self.epoch + 1, 0  # an incomplete last batch is dropped
+
+    def state_file(self, folder) -> Path:
+        return Path(folder) / f"caption_stream_rank{self.rank}.json"
+
+    def save_state(self, folder) -> None:
+        self.state_file(folder).write_text(json.dumps({"epoch": self.epoch, "position": self.position}))
+
+    def load_state(self, folder) -> None:
+        path = self.state_file(folder)
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: the checkpoint was written by fewer processes than this run has.")
+        state = json.loads(path.read_text())
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Text: the pipeline's own `encode_prompt`, frozen; the conditioning keywords of each family
+
+
+def encode_captions(family: str, text_pipe, captions, device, max_sequence_length: int) -> dict:
+    """Captions -> the transformer's conditioning keywords, batched, computed by the pipeline's `encode_prompt`."""
+    captions = list(captions)
+    with torch.no_grad():
+        if family == "sd3":
+            embeds, _, pooled, _ = text_pipe.encode_prompt(
+                prompt=captions, prompt_2=captions, prompt_3=captions, device=device,
+                do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if family in ("pixart", "sana"):
+            embeds, mask, _, _ = text_pipe.encode_prompt(
+                captions, do_classifier_free_guidance=False, device=device, clean_caption=False,
+                max_sequence_length=max_sequence_length)
+            return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        if family == "flux":
+            embeds, pooled, _ = text_pipe.encode_prompt(prompt=captions, prompt_2=captions, device=device,
+                                                        max_sequence_length=max_sequence_length)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    raise ValueError(f"Unknown family {family!r}.")
+
+
+class TextEmbeddings:
+    """`encode_captions`, optionally cached on disk: one safetensors file per distinct caption (sha1 of the text),
+    written atomically, so each caption is encoded once per run (and across resumes and processes)."""
+
+    def __init__(self, family, text_pipe, device, max_sequence_length, cache_dir=None):
+        self.family, self.text_pipe, self.device = family, text_pipe, device
+        self.max_sequence_length = max_sequence_length
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, captions) -> dict:
+        if self.cache_dir is None:
+            return encode_captions(self.family, self.text_pipe, captions, self.device, self.max_sequence_length)
+        from safetensors.torch import load_file, save_file
+
+        paths = [self.cache_dir / (hashlib.sha1(c.encode("utf-8")).hexdigest() + ".safetensors") for c in captions]
+        missing = sorted({c for c, p in zip(captions, paths) if not p.is_file()})
+        if missing:
+            fresh = encode_captions(self.family, self.text_pipe, missing, self.device, self.max_sequence_length)
+            for i, caption in enumerate(missing):
+                path = self.cache_dir / (hashlib.sha1(caption.encode("utf-8")).hexdigest() + ".safetensors")
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                save_file({k: v[i].detach().cpu().contiguous() for k, v in fresh.items()}, str(tmp))
+                os.replace(tmp, path)
+        rows = [load_file(str(p)) for p in paths]
+        return {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
+
+
+def drop_captions(cond: dict, null: dict, drop: torch.Tensor) -> dict:
+    """Caption dropout for CFG: rows with `drop` get the empty prompt's conditioning."""
+    out = {}
+    for name, value in cond.items():
+        empty = null[name].to(value.device, value.dtype).expand_as(value)
+        out[name] = torch.where(drop.view(-1, *([1] * (value.ndim - 1))), empty, value)
+    return out
+
+
+def static_kwargs(family: str, transformer, latents_shape, device, dtype, num_text_tokens: int) -> dict:
+    """The per-family keywords that are neither the caption's nor the time (the same for the teacher)."""
+    n, _, h, w = latents_shape
+    if family == "pixart":
+        if transformer.config.get("use_additional_conditions"):
+            return {"added_cond_kwargs": {"resolution": torch.tensor([[h, w]] * n, device=device, dtype=dtype) * 8,
+                                          "aspect_ratio": torch.ones(n, 1, device=device, dtype=dtype)}}
+        return {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    if family == "flux":
+        from diffusers import FluxPipeline
+
+        img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, device, dtype)
+        return {"img_ids": img_ids, "txt_ids": torch.zeros(num_text_tokens, 3, device=device, dtype=dtype)}
+    return {}
+
+
+def pack(family: str, latents: torch.Tensor) -> torch.Tensor:
+    """Flux trains on packed 2x2 latent tokens (N, HW/4, 4C), as its pipeline samples them; the others on the grid."""
+    if family != "flux":
+        return latents
+    from diffusers import FluxPipeline
+
+    n, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, n, c, h, w)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Models
+
+
+def pipeline_info(path: str, revision=None):
+    """(pipeline class, family, transformer class, default text length) from the pipeline's model_index.json."""
+    import diffusers
+
+    index = diffusers.DiffusionPipeline.load_config(path, revision=revision)
+    name = index.get("_class_name")
+    if name not in PIPELINES:
+        raise ValueError(f"{path} is a {name}; this script trains {', '.join(PIPELINES)}.")
+    family, transformer_name, text_length = PIPELINES[name]
+    return getattr(diffusers, name), family, getattr(diffusers, transformer_name), text_length
+
+
+def load_student(args, transformer_cls):
+    if args.transformer_config:
+        config = json.loads(Path(args.transformer_config).read_text())
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        return transformer_cls.from_config(config)
+    return transformer_cls.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
+                                           revision=args.revision)
+
+
+def alignment_for_stage(args, model, family, null, device):
+    """Stage 1: `vae_align`; stage 2: `self_transcendence` with the stage-1 EMA transformer as the frozen teacher.
+    Released T2I defaults (`default_t2i_options`), each overridable by its flag."""
+    if args.stage == 1 and args.align_loss_weight == 0:  # the vanilla baseline: flow matching only, no head
+        return build_alignment("none", model)
+    n = sum(len(getattr(model, name, [])) for name in ("transformer_blocks", "single_transformer_blocks"))
+    method = "vae_align" if args.stage == 1 else "self_transcendence"
+    options = default_t2i_options(method, n)
+    flags = {"layer": args.align_layer} if args.stage == 1 else {
+        "guided_layer": args.guided_layer, "guiding_layer": args.guiding_layer, "guidance_scale": args.guide_cfg_scale,
+        "guide_stop_step": args.guide_stop_step}
+    flags.update(weight=args.align_loss_weight, projector_dim=args.projector_dim)
+    options.update({k: v for k, v in flags.items() if v is not None})
+    if args.t_range is not None:
+        options["t_range"] = tuple(args.t_range)
+    if args.stage == 1:
+        return build_alignment(method, model, **options)
+    teacher = type(model).from_pretrained(args.guiding_model_name_or_path, subfolder=args.guiding_model_subfolder)
+    if family == "flux" and teacher.config.get("guidance_embeds") != model.config.get("guidance_embeds"):
+        raise ValueError("The Flux guiding model and the student differ in guidance_embeds.")
+    return build_alignment(method, model, teacher=teacher.to(device), null_conditioning=null, **options)
+
+
+def flow_scheduler_for_pixart():
+    """PixArt-Sigma's own scheduler samples an epsilon model; ours predicts the velocity. DPM-Solver++ in its flow
+    mode (what SanaPipeline ships: `prediction_type="flow_prediction"`, `use_flow_sigmas`) samples it and, unlike
+    FlowMatchEulerDiscreteScheduler, has the `init_noise_sigma` PixArtSigmaPipeline reads. Its timesteps are
+    `1000 sigma`, our `model_timestep`; no time shift (`flow_shift=1`)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0)
+
+
+def final_pipeline(args, pipeline_cls, family, transformer):
+    """The original pipeline's components with the trained transformer (PixArt: a flow-matching scheduler)."""
+    extra = {"scheduler": flow_scheduler_for_pixart()} if family == "pixart" else {}
+    return pipeline_cls.from_pretrained(args.pretrained_model_name_or_path, transformer=transformer,
+                                        revision=args.revision, **extra)
+
+
+@torch.no_grad()
+def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema, step: int):
+    """EMA weights, eval mode, a private generator: the validation prompts through the matching pipeline."""
+    if not accelerator.is_main_process:
+        return None
+    from diffusers.utils import make_image_grid
+
+    trained = T.unwrap(accelerator, model)
+    preview = type(trained).from_config(trained.config).to(accelerator.device)
+    ema.copy_to(preview.parameters())
+    components = dict(text_pipe.components, transformer=preview.eval())
+    if family == "pixart":
+        components["scheduler"] = flow_scheduler_for_pixart()
+    pipe = pipeline_cls(**components)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = list(args.validation_prompts or DEFAULT_VALIDATION_PROMPTS)
+    kwargs = {"max_sequence_length": args.max_sequence_length}
+    if family in ("pixart", "sana"):  # the training captions were neither cleaned nor binned nor instruction-prefixed
+        kwargs.update(use_resolution_binning=False, clean_caption=False)
+    if family == "sana":
+        kwargs["complex_human_instruction"] = None
+    images = pipe(prompt=prompts, height=args.resolution, width=args.resolution,
+                  num_inference_steps=args.validation_num_inference_steps,
+                  guidance_scale=args.validation_guidance_scale,
+                  generator=torch.Generator("cpu").manual_seed(args.seed), **kwargs).images
+    grid = make_image_grid(images, rows=1, cols=len(images))
+    path = Path(args.output_dir) / "samples" / f"step-{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Training
+
+
+def main(args=None):
+    args = args if isinstance(args, argparse.Namespace) else parse_args(args)
+    output_dir = Path(args.output_dir)
+    # 5.1 Accelerator, logging, seeds
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # EMAModel keeps full-size shadow weights of the parameters it was built on, and the checkpoint hooks call
+        # save_pretrained on the unwrapped model: with sharded parameters both would be wrong, not just slow.
+        raise NotImplementedError("FSDP is not supported by this script yet (EMA and checkpoint hooks assume "
+                                  "unsharded parameters); use DDP (`accelerate launch --multi_gpu`).")
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        T.save_args(args, output_dir / "args.json")
+    per_device = args.train_batch_size
+    if per_device is None:
+        denom = accelerator.num_processes * args.gradient_accumulation_steps
+        if args.global_batch_size % denom:
+            raise ValueError(f"--global_batch_size {args.global_batch_size} is not divisible by processes x "
+                             f"accumulation ({denom}).")
+        per_device = args.global_batch_size // denom
+    global_batch = per_device * accelerator.num_processes * args.gradient_accumulation_steps
+    # frozen parts (VAE, text encoders) in the mixed-precision dtype, as diffusers' SD3 / Flux examples do
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    set_seed(args.seed)
+
+    # 5.2 The pipeline's frozen VAE and text encoders; the empty prompt (CFG dropout and the teacher's f_u)
+    pipeline_cls, family, transformer_cls, text_length = pipeline_info(args.pretrained_model_name_or_path,
+                                                                       args.revision)
+    if args.stage == 1 and family == "flux":
+        raise ValueError("Stage 1 (VAE alignment) does not support Flux's packed tokens; train the guiding model with "
+                         "SD3, PixArt or Sana, or pass a Flux guiding model to --stage 2.")
+    dtype = {} if weight_dtype == torch.float32 else {"torch_dtype": weight_dtype}
+    text_pipe = pipeline_cls.from_pretrained(args.pretrained_model_name_or_path, transformer=None,
+                                             revision=args.revision, **dtype)
+    text_pipe.to(accelerator.device)
+    for module in text_pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    vae = text_pipe.vae
+    encoder = T.LatentEncoder(vae)
+    args.max_sequence_length = args.max_sequence_length or text_length
+    embed = TextEmbeddings(family, text_pipe, accelerator.device, args.max_sequence_length,
+                           output_dir / TEXT_EMBEDDINGS_FOLDER if args.precompute_text_embeddings else None)
+    null = {k: v.float() for k, v in encode_captions(family, text_pipe, [""], accelerator.device,
+                                                     args.max_sequence_length).items()}
+
+    # 5.3 Data (one sharding layer: the stream shards by process itself)
+    stream = CaptionStream(args, per_device, accelerator.process_index, accelerator.num_processes, args.seed)
+
+    # 5.4 The student, the alignment method of the stage, EMA, optimizer, warm-up
+    model = load_student(args, transformer_cls)
+    latent_side = T.vae_latent_size(vae, args.resolution)
+    sample_size = model.config.get("sample_size")
+    if family in ("sd3", "pixart") and sample_size is not None and sample_size < latent_side:
+        raise ValueError(f"--resolution {args.resolution} gives {latent_side}x{latent_side} latents but the "
+                         f"transformer's sample_size is {sample_size}.")
+    model.train()
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    feats = BlockFeatures(model)  # hooks registered before any torch.compile
+    method = alignment_for_stage(args, model, family, null, accelerator.device)
+    heads = method.trainable_modules()
+    ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,
+                   model_cls=transformer_cls, model_config=model.config)
+    params = list(model.parameters()) + [p for h in heads for p in h.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    # accelerate steps a prepared scheduler once per process each step: scale the warm-up (diffusers' examples do too)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes)
+    if args.torch_compile:
+        model = torch.compile(model)
+        feats.model = model
+    model, optimizer, lr_scheduler, *heads = accelerator.prepare(model, optimizer, lr_scheduler, *heads)
+    feats.model = model  # the prepared (DDP) module runs the forward; the hooks sit on the inner blocks
+    core = T.unwrap(accelerator, model)  # the transformer itself: its family, config and parameters
+    method.set_trainable_modules(heads)
+    method.to(accelerator.device)
+    ema.to(accelerator.device)
+    T.register_checkpoint_hooks(accelerator, ema, transformer_cls=transformer_cls)
+    transport = Transport(time_sampling=args.time_sampling)
+    if accelerator.is_main_process:
+        T.save_args(args, output_dir / "args.json")
+
+    # 5.5 Resume (exact: weights, EMA, optimizer, warm-up, RNG of every process, data position, loss guard)
+    global_step, train_seconds = 0, 0.0
+    guard = T.NonFiniteGuard(accelerator, args.max_nonfinite_steps, explosion_factor=args.loss_explosion_factor)
+    resume = T.resolve_resume_checkpoint(args, num_processes=accelerator.num_processes)
+    args.resume_history = []
+    if resume is not None:
+        accelerator.print(f"Resuming from {resume}")
+        global_step = T.checkpoint_step(resume)
+        changed = T.compare_resume_args(args, resume)
+        accelerator.load_state(str(resume))
+        stream.load_state(resume)
+        T.apply_resume_changes(args, optimizer, ema)
+        # a changed --learning_rate is the new peak of the warm-up schedule (LambdaLR: lr = base_lr * factor(step))
+        schedule = lr_scheduler.scheduler
+        schedule.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas):
+            group["lr"] = args.learning_rate * factor(schedule.last_epoch)
+        if (resume / T.GUARD_STATE_NAME).is_file():
+            guard.load_state_dict(json.loads((resume / T.GUARD_STATE_NAME).read_text()))
+            last = guard.last_good_checkpoint
+            guard.last_good_checkpoint = None if last is None else resume.parent / last.name
+        else:
+            guard.last_good_checkpoint = resume
+        T.record_resume(args, resume, global_step, changed)
+        if accelerator.is_main_process:
+            T.save_args(args, output_dir / "args.json")
+    else:
+        set_seed(args.seed, device_specific=True)
+    if accelerator.is_main_process and args.report_to != "none":
+        scalars = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name or output_dir.name, config=scalars)
+
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="train",
+                    disable=not (args.progress and accelerator.is_local_main_process))
+    logged, loss_log = {}, None
+    images_seen, tick = 0, time.perf_counter()
+    if accelerator.is_main_process:
+        train_seconds = T.rewind_loss_log(output_dir / "loss_log.jsonl", global_step)
+        loss_log = open(output_dir / "loss_log.jsonl", "a")
+    batches = iter(stream)
+
+    # 5.6 Loop
+    while global_step < args.max_train_steps:
+        step_start = time.perf_counter()
+        with accelerator.accumulate(model, *heads):
+            batch = next(batches)
+            x0 = pack(family, encoder(batch, accelerator.device))  # scaled latents, fresh posterior sample
+            cond = {k: v.float() for k, v in embed(batch["captions"]).items()}  # the caption's (never dropped)
+            t, noise, x_t, target = transport.sample(x0)
+            drop = torch.rand(x0.shape[0], device=x0.device) < args.caption_dropout
+            n_text = cond["encoder_hidden_states"].shape[1]
+            static = static_kwargs(family, core, encoder_shape(batch, vae), x0.device, x0.dtype, n_text)
+            shared = {}
+            if family == "flux" and core.config.get("guidance_embeds"):
+                shared = {"guidance": torch.full((x0.shape[0],), args.flux_guidance_scale, device=x0.device)}
+            active = method.is_active(global_step)
+            out = feats(x_t, timestep=model_timestep(core, t), layers=method.student_layers if active else (),
+                        **drop_captions(cond, null, drop), **static, **shared)
+            velocity = model_velocity(core, out.sample)
+            loss_diff = ((velocity.float() - target.float()) ** 2).mean()
+            terms = method(out.hidden_states, x_t=x_t, t=t, target=target, x0=x0, noise=noise, step=global_step,
+                           conditioning=cond, shared_kwargs=shared or None, model_kwargs=static) if active else {}
+            loss = loss_diff + sum(method.weights[name] * value for name, value in terms.items())
+            stepped = guard.check(loss)
+            if stepped:
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if not accelerator.sync_gradients or not stepped:
+            train_seconds += time.perf_counter() - step_start
+            continue
+        ema.step(core.parameters())
+        train_seconds += time.perf_counter() - step_start
+        global_step += 1
+        images_seen += global_batch
+        logged = {"train_seconds": round(train_seconds, 4), "lr": lr_scheduler.get_last_lr()[0]}
+        for name, value in [("loss", loss), ("loss_diff", loss_diff)] + [(f"loss_{k}", v) for k, v in terms.items()]:
+            logged[name] = accelerator.reduce(value.detach().float(), "mean").item()
+        progress.update(1)
+        if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+            logged["images_per_sec"] = images_seen / max(time.perf_counter() - tick, 1e-9)
+            logged["nonfinite_skipped"] = guard.skipped
+            images_seen, tick = 0, time.perf_counter()
+            accelerator.log(logged, step=global_step)
+            progress.set_postfix(loss=f"{logged['loss']:.4f}")
+        if loss_log is not None:
+            loss_log.write(json.dumps({"step": global_step, **logged}) + "\n")
+            loss_log.flush()
+        if global_step % args.checkpointing_steps == 0:
+            T.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, stream=stream,
+                              args=args, guard=guard)
+        if global_step % args.validation_steps == 0:
+            save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema, global_step)
+    progress.close()
+
+    # 5.7 The matching diffusers pipeline with the EMA transformer, a preview, the model card, the Hub
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        loss_log.close()
+        trained = T.unwrap(accelerator, model)
+        final = transformer_cls.from_config(trained.config)
+        ema.copy_to(final.parameters())
+        final_pipeline(args, pipeline_cls, family, final.eval()).save_pretrained(output_dir)
+        grid = save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema, global_step)
+        if grid is not None:
+            os.replace(grid, output_dir / "samples.png")
+        hparams = {k: v for k, v in vars(args).items() if "--" + k not in T.SECRET_FLAGS and k != "launch_command"}
+        hub.render_model_card(
+            output_dir, template="t2i.md", hyperparameters=hparams, command=args.launch_command,
+            repo_id=args.hub_model_id or output_dir.name, dataset=args.dataset_name,
+            data_description="local files" if args.train_data_dir else None, sample_image="samples.png",
+            base_model=args.guiding_model_name_or_path if args.stage == 2 else args.pretrained_model_name_or_path,
+            metrics={"final_loss": logged.get("loss"), "steps": global_step, "nonfinite_skipped": guard.skipped,
+                     **({"resume_history": json.dumps(args.resume_history)} if args.resume_history else {})},
+            extra={"pipeline_class": pipeline_cls.__name__, "stage": args.stage,
+                   "pretrained_model": args.pretrained_model_name_or_path},
+            tags=["diffusers", "diffusers-selftrans", "self-transcendence", "text-to-image", family, "flow-matching"],
+            pipeline_tag="text-to-image")
+        if args.push_to_hub:
+            repo_id = hub.push_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token,
+                                      private=args.hub_private, commit_message=f"Upload {pipeline_cls.__name__}")
+            logger.info(f"Pushed to https://huggingface.co/{repo_id}", main_process_only=True)
+    accelerator.end_training()
+    return output_dir
+
+
+def encoder_shape(batch, vae):
+    """(N, C, h, w) of the latent grid of a pixel batch."""
+    n, _, h, w = batch["pixel_values"].shape
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return n, vae.config.latent_channels, h // factor, w // factor
+
+
+if __name__ == "__main__":
+    main()

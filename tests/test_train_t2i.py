@@ -1,0 +1,242 @@
+"""`examples/train_self_transcendence_t2i.py` end to end on tiny offline SD3 and PixArt-Sigma pipelines (random tiny
+CLIP / T5 text encoders, character-level tokenizers) and a tiny captioned imagefolder: both stages, checkpoints, the
+output loaded into the matching diffusers pipeline and sampled, exact resume, text-embedding cache, caption dropout,
+errors, and a 2-process run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import convergence_t2i  # noqa: E402  (the tiny pipeline builder)
+import train_self_transcendence_t2i as t2i  # noqa: E402
+
+FAMILIES = ("sd3", "pixart")
+PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "pixart": "PixArtSigmaPipeline"}
+NUM_IMAGES = 8
+RESOLUTION = 16  # the tiny VAE: 16 px -> 4 x 8 x 8 latents
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i_assets")
+    for family in FAMILIES:
+        convergence_t2i.write_tiny_t2i_pipeline(root / f"pipe_{family}", family)
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(NUM_IMAGES):
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype("uint8")).save(data / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": convergence_t2i.caption_for(i % 3, i)}))
+    (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def flags(assets, family, output_dir, **extra):
+    base = {"pretrained_model_name_or_path": assets / f"pipe_{family}", "train_data_dir": assets / "data",
+            "cache_dir": assets / "hf_cache", "resolution": RESOLUTION, "train_batch_size": 2, "max_train_steps": 4,
+            "checkpointing_steps": 2, "validation_steps": 100, "validation_num_inference_steps": 2,
+            "projector_dim": 16, "lr_warmup_steps": 2, "max_sequence_length": 16, "output_dir": output_dir,
+            "report_to": "none", "seed": 0}
+    base.update(extra)
+    argv = []
+    for key, value in base.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None and value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv + ["--no-progress"]
+
+
+def read_losses(output_dir):
+    rows = {}
+    for line in (Path(output_dir) / "loss_log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
+
+
+def weights(folder):
+    return load_file(Path(folder) / "diffusion_pytorch_model.safetensors")
+
+
+def assert_same_weights(a, b):
+    a, b = weights(a), weights(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def sample(family, folder):
+    import diffusers
+
+    pipe = getattr(diffusers, PIPELINE_CLASS[family]).from_pretrained(folder)
+    kwargs = {"use_resolution_binning": False, "clean_caption": False} if family == "pixart" else {}
+    images = pipe(prompt=["a handwritten seven", "the digit 2"], height=RESOLUTION, width=RESOLUTION,
+                  num_inference_steps=2, guidance_scale=2.0, max_sequence_length=16, output_type="np",
+                  generator=torch.Generator().manual_seed(0), **kwargs).images
+    return pipe, images
+
+
+@pytest.fixture(scope="module")
+def stage1(assets):
+    out = {}
+    for family in FAMILIES:
+        out[family] = assets / f"stage1_{family}"
+        t2i.main(flags(assets, family, out[family], stage=1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage2(assets, stage1):
+    out = {}
+    for family in FAMILIES:
+        out[family] = assets / f"stage2_{family}"
+        t2i.main(flags(assets, family, out[family], guiding_model_name_or_path=stage1[family], guide_stop_step=2))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stage1_checkpoints_pipeline_and_card(stage1, family):
+    out = stage1[family]
+    for step in (2, 4):
+        for sub in ("transformer", "transformer_ema", "projector"):
+            assert (out / f"checkpoint-{step}" / sub / "diffusion_pytorch_model.safetensors").exists(), sub
+        assert (out / f"checkpoint-{step}" / "caption_stream_rank0.json").exists()
+    losses = read_losses(out)
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and r["loss_vae_align"] > 0 for r in losses.values())
+    # the released recipe's optimiser, warm-up and stage-1 block (n/6 of 3 blocks rounds to 1)
+    args = json.loads((out / "args.json").read_text())
+    assert (args["learning_rate"], args["adam_beta2"], args["adam_weight_decay"]) == (2e-4, 0.9, 0.03)
+    assert [losses[s]["lr"] for s in (1, 2, 3)] == pytest.approx([1e-4, 2e-4, 2e-4])
+    # the exported transformer is the last EMA, and the folder is the matching diffusers pipeline
+    assert_same_weights(out / "transformer", out / "checkpoint-4" / "transformer_ema")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == PIPELINE_CLASS[family]
+    pipe, images = sample(family, out)
+    assert type(pipe).__name__ == PIPELINE_CLASS[family]
+    assert images.shape == (2, RESOLUTION, RESOLUTION, 3) and np.isfinite(images).all()
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: text-to-image" in card and PIPELINE_CLASS[family] in card and "stage 1" in card
+    assert "accelerate launch examples/train_self_transcendence_t2i.py" in card
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stage2_uses_the_stage1_ema_teacher_and_stops_the_guide(stage1, stage2, family):
+    out = stage2[family]
+    losses = read_losses(out)
+    assert losses[1]["loss_guide"] > 0 and losses[2]["loss_guide"] > 0
+    assert "loss_guide" not in losses[3] and "loss_guide" not in losses[4]
+    for step in (1, 2):  # total = diffusion + 0.5 guide (the released weight)
+        assert losses[step]["loss"] == pytest.approx(losses[step]["loss_diff"] + 0.5 * losses[step]["loss_guide"],
+                                                     rel=1e-5)
+    assert_same_weights(out / "transformer", out / "checkpoint-4" / "transformer_ema")
+    pipe, images = sample(family, out)
+    assert images.shape == (2, RESOLUTION, RESOLUTION, 3) and np.isfinite(images).all()
+    if family == "pixart":  # an epsilon-model DPM scheduler would sample our velocity model wrongly
+        assert pipe.scheduler.config.prediction_type == "flow_prediction"
+    card = (out / "README.md").read_text()
+    assert str(stage1[family]) in card and "stage 2" in card
+
+
+def test_teacher_is_the_stage1_output_transformer(assets, stage1):
+    """The guiding model built by the script holds exactly the stage-1 output's transformer/ (its EMA)."""
+    args = t2i.parse_args(flags(assets, "sd3", assets / "unused", guiding_model_name_or_path=stage1["sd3"]))
+    import diffusers
+
+    student = diffusers.SD3Transformer2DModel.from_pretrained(stage1["sd3"], subfolder="transformer")
+    null = {"encoder_hidden_states": torch.zeros(1, 1, 1), "pooled_projections": torch.zeros(1, 1)}
+    method = t2i.alignment_for_stage(args, student, "sd3", null, "cpu")
+    ema = weights(stage1["sd3"] / "checkpoint-4" / "transformer_ema")
+    teacher = method.teacher.state_dict()
+    assert all(torch.equal(teacher[k], ema[k]) for k in ema)
+    assert (method.guided_layer, method.guiding_layer, method.guidance_scale) == (2, 2, 5.0)  # n/2, 2n/3 of 3; w=5
+
+
+def test_exact_resume_matches_a_straight_run_with_cached_text_embeddings(assets, stage1, stage2, tmp_path):
+    """Stopped at step 2 and resumed: the same losses and final weights as the straight run (which encoded every
+    caption on the fly; this one reads the per-caption cache)."""
+    out = tmp_path / "resumed"
+    common = dict(guiding_model_name_or_path=stage1["sd3"], guide_stop_step=2, precompute_text_embeddings=True)
+    t2i.main(flags(assets, "sd3", out, max_train_steps=2, **common))
+    t2i.main(flags(assets, "sd3", out, resume_from_checkpoint="latest", **common))
+    straight, resumed = read_losses(stage2["sd3"]), read_losses(out)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in straight:
+        for key in ("loss", "loss_diff", "lr"):
+            assert resumed[step][key] == straight[step][key], (step, key)
+    for sub in ("transformer", "transformer_ema", "projector"):
+        assert_same_weights(out / "checkpoint-4" / sub, stage2["sd3"] / "checkpoint-4" / sub)
+    assert_same_weights(out / "transformer", stage2["sd3"] / "transformer")
+    # one file per distinct caption seen (4 steps x 2 images of the 8 examples, each with its own caption)
+    cached = list((out / t2i.TEXT_EMBEDDINGS_FOLDER).glob("*.safetensors"))
+    assert 2 <= len(cached) <= NUM_IMAGES
+
+
+def test_caption_dropout_swaps_in_the_empty_prompt():
+    cond = {"encoder_hidden_states": torch.randn(3, 4, 5), "encoder_attention_mask": torch.ones(3, 4)}
+    null = {"encoder_hidden_states": torch.randn(1, 4, 5), "encoder_attention_mask": torch.tensor([[1.0, 0, 0, 0]])}
+    out = t2i.drop_captions(cond, null, torch.tensor([False, True, False]))
+    assert torch.equal(out["encoder_hidden_states"][1], null["encoder_hidden_states"][0])
+    assert torch.equal(out["encoder_attention_mask"][1], null["encoder_attention_mask"][0])
+    for i in (0, 2):
+        assert torch.equal(out["encoder_hidden_states"][i], cond["encoder_hidden_states"][i])
+
+
+def test_empty_prompt_has_the_caption_sequence_length(assets):
+    import diffusers
+
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(assets / "pipe_sd3", transformer=None)
+    null = t2i.encode_captions("sd3", pipe, [""], "cpu", 16)
+    caps = t2i.encode_captions("sd3", pipe, ["a handwritten seven", "the digit 2"], "cpu", 16)
+    assert null["encoder_hidden_states"].shape[1:] == caps["encoder_hidden_states"].shape[1:]
+    assert null["pooled_projections"].shape == (1, caps["pooled_projections"].shape[1])
+    # the pipeline's own encode_prompt at inference gives the same embeddings
+    ref, _, pooled, _ = pipe.encode_prompt("the digit 2", "the digit 2", "the digit 2", device="cpu",
+                                           do_classifier_free_guidance=False, max_sequence_length=16)
+    torch.testing.assert_close(caps["encoder_hidden_states"][1:], ref)
+    torch.testing.assert_close(caps["pooled_projections"][1:], pooled)
+
+
+def test_bad_input_is_a_clear_error(assets, tmp_path):
+    with pytest.raises(SystemExit):
+        t2i.parse_args(flags(assets, "sd3", tmp_path / "x"))  # stage 2 without a guiding model
+    with pytest.raises(ValueError, match="--caption_column 'caption' is not a column"):
+        t2i.main(flags(assets, "sd3", tmp_path / "y", stage=1, caption_column="caption"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="this script trains StableDiffusion3Pipeline"):
+        t2i.main(flags(assets, "sd3", tmp_path / "z", stage=1, pretrained_model_name_or_path=tmp_path / "other"))
+
+
+def test_two_processes_stage2(assets, stage1, tmp_path):
+    """DDP on CPU (gloo) through accelerate's torchrun launcher, past the guide stop."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29571",
+           str(ROOT / "examples" / "train_self_transcendence_t2i.py"),
+           *flags(assets, "sd3", tmp_path / "ddp", guiding_model_name_or_path=stage1["sd3"], guide_stop_step=1,
+                  max_train_steps=2, train_batch_size=1)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = tmp_path / "ddp" / "checkpoint-2"
+    states = [json.loads((ckpt / f"caption_stream_rank{r}.json").read_text()) for r in (0, 1)]
+    assert states[0] == states[1] == {"epoch": 0, "position": 2}
+    assert (ckpt / "random_states_1.pkl").exists()
+    losses = read_losses(tmp_path / "ddp")
+    assert losses[1]["loss_guide"] > 0 and "loss_guide" not in losses[2]
+    assert (tmp_path / "ddp" / "model_index.json").exists()
