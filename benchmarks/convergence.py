@@ -116,12 +116,13 @@ def read_log(folder: Path):
 def evaluate_checkpoints(folder: Path, args, vae, real, real_labels, classifier, num_classes, extra_seconds=0.0):
     """Score the EMA weights of every checkpoint of a run: [{step, train_seconds, fid, accuracy}]."""
     from diffusers_selftrans import evaluation as E
+    from diffusers_selftrans import checkpointing as C
     from diffusers_selftrans import training as T
 
     log = read_log(folder)
     points = []
-    for ckpt in T.list_checkpoints(folder):
-        step = T.checkpoint_step(ckpt)
+    for ckpt in C.list_checkpoints(folder):
+        step = C.checkpoint_step(ckpt)
         model = T.load_transformer(str(ckpt / "transformer_ema"))
         pipe = T.build_pipeline(model, vae)
         pipe.set_progress_bar_config(disable=True)

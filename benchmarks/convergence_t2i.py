@@ -225,14 +225,14 @@ def evaluate_run(folder: Path, pipe_folder: Path, args, real, real_labels, class
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from diffusers_selftrans import evaluation as E
-    from diffusers_selftrans import training as T
+    from diffusers_selftrans import checkpointing as C
 
     log = {json.loads(line)["step"]: json.loads(line) for line in (folder / "loss_log.jsonl").read_text().splitlines()}
     prompts = [caption_for(c, i) for c in range(len(NUMBER_WORDS)) for i in range(args.samples_per_class)]
     labels = np.array([class_of_caption(p) for p in prompts])
     points = []
-    for ckpt in T.list_checkpoints(folder):
-        step = T.checkpoint_step(ckpt)
+    for ckpt in C.list_checkpoints(folder):
+        step = C.checkpoint_step(ckpt)
         model = SD3Transformer2DModel.from_pretrained(ckpt / "transformer_ema").eval()
         pipe = StableDiffusion3Pipeline.from_pretrained(pipe_folder, transformer=model)
         pipe.set_progress_bar_config(disable=True)

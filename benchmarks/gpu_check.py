@@ -469,7 +469,7 @@ def write_training_assets(work: Path, smoke: bool) -> Dict[str, Any]:
         arch = dict(SMOKE_MODEL)
     else:
         model_flag, arch = TRAIN_PRESET, parse_preset(TRAIN_PRESET)
-    # As the training script completes it (model_config_from_args, default flags: qk_norm on, dropout 0.1).
+    # As the training script completes it (training.model_config, default flags: qk_norm on, dropout 0.1).
     student_config = dict(arch, sample_size=latent, in_channels=LATENT_CHANNELS, num_classes=num_classes,
                           qk_norm=True, class_dropout_prob=0.1)
     guiding_dir = work / "guiding"

@@ -3,7 +3,8 @@
 
 One run (one process, one set of inputs, repeats interleaved across configurations, warmup, medians):
 
-1. Training-step time of the real step of `examples/train_align.py::train` (transport draw, label-dropout draw,
+1. Training-step time of the scripts' real step (`compute_loss` of `examples/train_align.py` and
+   `examples/train_self_transcendence.py`: transport draw, label-dropout draw,
    student forward, flow-matching MSE + alignment terms, backward, gradient clipping, AdamW step), without
    accelerate or data (random latents and labels), for
    - `vanilla`: `build_alignment("none")`;
@@ -40,12 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusers_selftrans import SiTTransformer2DModel
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+
+import train_align  # noqa: E402  (the training steps timed here are the scripts' own `compute_loss`)
+import train_self_transcendence  # noqa: E402
+
+from diffusers_selftrans import SiTTransformer2DModel  # noqa: E402
 from diffusers_selftrans.alignment import build_alignment
 from diffusers_selftrans.alignment.common import resolve_sit_config
 from diffusers_selftrans.models.projector import DEFAULT_PROJECTOR_DIM
 from diffusers_selftrans.models.transformer_sit import TIMESTEP_FREQUENCY_DIM, parse_preset
-from diffusers_selftrans.training import DEFAULT_LEARNING_RATE, DEFAULT_MAX_GRAD_NORM
+from diffusers_selftrans.cli import DEFAULT_LEARNING_RATE, DEFAULT_MAX_GRAD_NORM
 from diffusers_selftrans.transport import Transport
 
 DEFAULT_PRESET = "SiT-B/2"
@@ -320,7 +326,8 @@ def max_relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- 1. Training-step overhead -------------------------------------------------------------------------------------
 def make_step(kind, config, teacher, base_state, args, device, x0, labels, autocast, seed):
-    """One configuration of the train_align.py step: its own student (same initial weights), method and AdamW."""
+    """One configuration of the training step: the scripts' own `compute_loss` (stage 1: `train_align.py`, stage 2:
+    `train_self_transcendence.py`), backward, clipping and AdamW, with its own student (same initial weights)."""
     model = SiTTransformer2DModel(**config)
     model.load_state_dict(base_state)
     model.to(device).train()
@@ -340,21 +347,15 @@ def make_step(kind, config, teacher, base_state, args, device, x0, labels, autoc
     optimizer = torch.optim.AdamW(params, lr=DEFAULT_LEARNING_RATE)
     transport = Transport()
     dropout = model.config.class_dropout_prob
+    compute_loss = (train_self_transcendence if kind.startswith("st_") else train_align).compute_loss
     state = {"step": 0}
 
     def step():
-        # The same draws for every configuration in a given round: a generator seeded by the round.
-        gen = torch.Generator(device).manual_seed(seed + state["step"])
-        t, noise, x_t, target = transport.sample(x0, generator=gen)
-        drop = torch.rand(labels.shape[0], device=device, generator=gen) < dropout
-        active = method.is_active(state["step"])
-        layers = method.student_layers if active else ()
+        # The same draws for every configuration in a given round (time, noise, label dropout): seeded by the round.
+        torch.manual_seed(seed + state["step"])
         with autocast():
-            out = model(x_t, t, labels, output_hidden_states=list(layers) or None, force_drop_ids=drop.long())
-            loss_diff = ((out.sample.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).mean()
-            terms = method(out.hidden_states, x0=x0, noise=noise, x_t=x_t, t=t, target=target, class_labels=labels,
-                           force_drop_ids=drop.bool(), step=state["step"]) if active else {}
-        loss = loss_diff + sum(method.weights[name] * value for name, value in terms.items())
+            loss, _, _ = compute_loss(model, method, x0, labels, transport, step=state["step"],
+                                      class_dropout_prob=dropout)
         loss.backward()
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

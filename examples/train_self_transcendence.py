@@ -10,109 +10,231 @@ block. Weight 0.5, w 30; the guide loss (and every teacher forward) stops after 
     accelerate launch examples/train_self_transcendence.py --model SiT-B/2 \
         --guiding_model_name_or_path sit-b2-guiding --output_dir sit-b2-selftrans
 
-Flags are those of `train_align.py` (data, model, optimisation, checkpoints, Hub) plus the guide flags below.
+The script reads top to bottom: `guide_stop_step` turns the paper's epochs into a step, `compute_loss` is one
+training step's loss, `main` the run around it. It writes out its own loop (as `train_align.py` does for stage 1),
+so that it can be forked on its own; what both need around the loop is in the library. Every flag is in
+`diffusers_selftrans/cli.py` (model, data, training, and the guide group).
 """
 
 import argparse
-import logging
 import os
-import sys
+import time
+from datetime import timedelta
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from diffusers.training_utils import EMAModel
 
-from train_align import add_alignment_args, train  # noqa: E402  (the loop shared by both stages)
+from diffusers_selftrans import SiTTransformer2DModel, cli, hub
+from diffusers_selftrans import checkpointing as C
+from diffusers_selftrans import training as T
+from diffusers_selftrans.alignment import build_alignment
+from diffusers_selftrans.data import DataConfig, TrainDataStream, add_data_args
+from diffusers_selftrans.transport import Transport
 
-from diffusers_selftrans import training as T  # noqa: E402
-from diffusers_selftrans.alignment import build_alignment  # noqa: E402
-from diffusers_selftrans.data import add_data_args  # noqa: E402
-
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # Paper Table 1 runs 80 epochs (400K iterations at batch 256); the guide stops after 20 epochs for SiT-B
 # (released code: 100K iterations), 10 epochs for L/XL (method-notes §3.2).
 STAGE2_EPOCHS = 80
 GUIDE_STOP_EPOCHS_BY_DEPTH = {12: 20, 24: 10, 28: 10}
 DEFAULT_GUIDE_STOP_EPOCHS = 20  # other depths: SiT-B's setting
+AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0])
-    T.add_model_args(parser)
+    cli.add_model_args(parser)
     add_data_args(parser)
-    T.add_training_args(parser)
-    add_alignment_args(parser)  # t_range options are shared; --alignment is fixed to self_transcendence here
-    g = parser.add_argument_group("self-transcendence")
-    g.add_argument("--guiding_model_name_or_path", type=str, required=False, default=None,
-                   help="The stage-1 output folder, its transformer/ subfolder, or a Hub id.")
-    g.add_argument("--guiding_model_subfolder", type=str, default=None,
-                   help="Subfolder of the guiding model (default: transformer/ when the path is a pipeline).")
-    g.add_argument("--guiding_layer", type=int, default=None, help="Teacher block (default 2n/3).")
-    g.add_argument("--guided_layer", type=int, default=None, help="Student block (default n/2).")
-    g.add_argument("--guide_cfg_scale", type=float, default=None,
-                   help="w in f_u + w (f_c - f_u). Default 30 (SiT), 10 with LightningDiT options.")
-    g.add_argument("--guide_loss_weight", type=float, default=None, help="lambda of the guide loss (default 0.5).")
-    g.add_argument("--guide_stop_step", type=int, default=None,
-                   help="Optimizer step after which the guide loss and the teacher stop. Default: --guide_stop_epochs.")
-    g.add_argument("--guide_stop_epochs", type=float, default=None,
-                   help="Default 20 epochs for 12-block models, 10 for deeper ones (paper §4), converted to steps "
-                        "with the dataset size and the global batch.")
-    g.add_argument("--guiding_classes_correspond", action="store_true",
-                   help="Accept a guiding model whose id2label names other classes (same count): its class k is "
-                        "taken to be the data's class k.")
-    g.add_argument("--guiding_autocast", type=str, default="no", choices=["no", "bf16", "fp16"],
-                   help="Run the fp32 teacher under autocast (GPU: bf16 is ~4x faster). Keep its weights fp32: "
-                        "with bf16 weights, w=30 amplifies the rounding of f_c - f_u (benchmarks/gpu_check.py "
-                        "measures both against fp32).")
-    args = T.parse_args_with_config(parser, input_args)
+    cli.add_training_args(parser)
+    cli.add_guide_args(parser)
+    args = cli.parse_args_with_config(parser, input_args)
     if args.guiding_model_name_or_path is None:
         parser.error("--guiding_model_name_or_path is required (the stage-1 output of train_align.py).")
-    if args.alignment != "vae_align":
-        parser.error("--alignment is not used by stage 2 (the method is self_transcendence).")
     if args.num_train_epochs is None and args.max_train_steps is None:
         args.num_train_epochs = STAGE2_EPOCHS
     return args
 
 
-def build_stage2_method(args, model, accelerator):
-    import torch
+def guide_stop_step(args, num_layers: int) -> int:
+    """--guide_stop_step, or --guide_stop_epochs (default by depth, paper §4) of this dataset in steps."""
+    if args.guide_stop_step is not None:
+        return args.guide_stop_step
+    epochs = args.guide_stop_epochs
+    if epochs is None:
+        epochs = GUIDE_STOP_EPOCHS_BY_DEPTH.get(num_layers, DEFAULT_GUIDE_STOP_EPOCHS)
+    if args.steps_per_epoch:  # epochs of this dataset, whatever --max_train_steps says
+        stop = max(1, round(epochs * args.steps_per_epoch))
+        logger.info(f"The guide loss stops after step {stop} ({epochs:g} epochs x {args.steps_per_epoch} steps).")
+        return stop
+    run_epochs = args.num_train_epochs or STAGE2_EPOCHS  # dataset size unknown: the paper's fraction of the run
+    stop = max(1, round(args.max_train_steps * epochs / run_epochs))
+    logger.warning(f"Guide stop: the dataset size is unknown, so {epochs:g} of {run_epochs:g} epochs of the "
+                   f"{args.max_train_steps}-step run = step {stop}; pass --guide_stop_step to choose.")
+    return stop
 
-    teacher = T.load_transformer(args.guiding_model_name_or_path, subfolder=args.guiding_model_subfolder)
-    teacher = teacher.to(accelerator.device)
-    stop = args.guide_stop_step
-    if stop is None:
-        epochs = args.guide_stop_epochs
-        if epochs is None:
-            epochs = GUIDE_STOP_EPOCHS_BY_DEPTH.get(model.config.num_layers, DEFAULT_GUIDE_STOP_EPOCHS)
-        if args.steps_per_epoch:  # epochs of this dataset, whatever --max_train_steps says
-            stop = max(1, round(epochs * args.steps_per_epoch))
-            how = f"{epochs:g} epochs x {args.steps_per_epoch} steps per epoch"
-        else:  # dataset size unknown: the paper's fraction of the run (20 of 80 epochs for SiT-B)
-            stop = max(1, round(args.max_train_steps * epochs / (args.num_train_epochs or STAGE2_EPOCHS)))
-            how = (f"the dataset size is unknown, so {epochs:g} of {args.num_train_epochs or STAGE2_EPOCHS:g} "
-                   f"epochs of the {args.max_train_steps}-step run; pass --guide_stop_step to choose")
-            logger.warning("Guide stop: %s.", how)
-        args.guide_stop_step = stop
-        logger.info("The guide loss stops after step %d (%s).", stop, how)
-    options = {
-        "teacher": teacher,
-        "guided_layer": args.guided_layer,
-        "guiding_layer": args.guiding_layer,
-        "guidance_scale": args.guide_cfg_scale,
-        "weight": args.guide_loss_weight,
-        "guide_stop_step": stop,
-        "t_range_mode": args.t_range_mode,
-        "projector_dim": args.projector_dim,
-        "teacher_autocast": {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.guiding_autocast],
-        "classes_correspond": args.guiding_classes_correspond,
-    }
-    options = {k: v for k, v in options.items() if v is not None}
-    options["t_range"] = None if args.no_t_range else tuple(args.t_range)  # None: the guide applies at every t
-    return build_alignment("self_transcendence", model.config, **options)
+
+def compute_loss(model, guide, x0, labels, transport, *, step, class_dropout_prob):
+    """One batch's loss: flow matching on x_t = (1 - t) x0 + t eps plus lambda x the guide term while it is active.
+
+    The guiding model sees the same x_t and t with the TRUE labels (its f_c) and the null class (f_u); the student
+    sees its own label-dropped labels. Returns `(loss, loss_diff, terms)`.
+    """
+    t, noise, x_t, target = transport.sample(x0)
+    drop = None  # no null class to drop to when class_dropout_prob is 0
+    if class_dropout_prob > 0:
+        drop = torch.rand(labels.shape[0], device=labels.device) < class_dropout_prob
+    active = guide.is_active(step)  # False for good after the guide stop: no teacher, no head
+    layers = guide.student_layers if active else ()
+    out = model(x_t, t, labels, output_hidden_states=list(layers) or None, force_drop_ids=drop)
+    loss_diff = ((out.sample.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).mean()
+    terms = guide(out.hidden_states, x_t=x_t, t=t, class_labels=labels, step=step) if active else {}
+    loss = loss_diff + sum(guide.weights[name] * value for name, value in terms.items())
+    return loss, loss_diff, terms
 
 
 def main(args=None):
     args = args if isinstance(args, argparse.Namespace) else parse_args(args)
-    return train(args, build_stage2_method, card_template="stage2.md", base_model=args.guiding_model_name_or_path)
+    output_dir = Path(args.output_dir)
+
+    # 1. Accelerator, output folder, batch sizes
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
+    )
+    T.configure_logging()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        cli.save_args(args, output_dir / "args.json")
+    per_device, global_batch = T.batch_sizes(args.global_batch_size, args.train_batch_size,
+                                             accelerator.num_processes, args.gradient_accumulation_steps)
+
+    # 2. VAE and data (exactly one sharding layer: the stream shards by process itself; it is not passed to `prepare`)
+    set_seed(args.seed)
+    vae = T.load_vae(args.vae_name_or_path, args.vae_subfolder).to(accelerator.device)
+    stream = TrainDataStream(DataConfig.from_namespace(args), per_device, process_index=accelerator.process_index,
+                             num_processes=accelerator.num_processes, seed=args.seed, vae_config=vae)
+    dataset_size = stream.num_examples  # from the dataset's own metadata (split info or parquet footers)
+    if args.max_train_steps is None:
+        args.max_train_steps = T.steps_from_epochs(args.num_train_epochs, dataset_size, global_batch, "--max_train_steps")
+    args.steps_per_epoch = None if dataset_size is None else dataset_size // global_batch  # recorded in args.json
+
+    # 3. Student, frozen guiding model and guide, EMA, optimizer: the same initial weights on every process
+    encoder = T.LatentEncoder(vae)
+    model = SiTTransformer2DModel(**T.model_config(
+        args.model, sample_size=T.vae_latent_size(vae, args.resolution), in_channels=vae.config.latent_channels,
+        num_classes=stream.num_classes, qk_norm=args.qk_norm, class_dropout_prob=args.class_dropout_prob,
+        id2label=stream.id2label))
+    model.train()
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    teacher = T.load_transformer(args.guiding_model_name_or_path, subfolder=args.guiding_model_subfolder)
+    args.guide_stop_step = guide_stop_step(args, model.config.num_layers)  # recorded in args.json and the card
+    options = dict(guided_layer=args.guided_layer, guiding_layer=args.guiding_layer,
+                   guidance_scale=args.guide_cfg_scale, weight=args.guide_loss_weight,
+                   t_range_mode=args.t_range_mode, projector_dim=args.projector_dim,
+                   teacher_autocast=AUTOCAST_DTYPES[args.guiding_autocast])
+    guide = build_alignment("self_transcendence", model.config, teacher=teacher.to(accelerator.device),
+                            guide_stop_step=args.guide_stop_step, classes_correspond=args.guiding_classes_correspond,
+                            t_range=None if args.no_t_range else tuple(args.t_range),  # None: the guide at every t
+                            **{k: v for k, v in options.items() if v is not None})
+    if accelerator.is_main_process:  # again, with what the data and the guide resolved (steps, guide stop)
+        cli.save_args(args, output_dir / "args.json")
+    heads = guide.trainable_modules()  # the projector: prepared (DDP) on its own, never the guide object
+    ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,
+                   model_cls=SiTTransformer2DModel, model_config=model.config)
+    params = list(model.parameters()) + [p for h in heads for p in h.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.torch_compile:
+        model = torch.compile(model)
+    model, optimizer, *heads = accelerator.prepare(model, optimizer, *heads)
+    guide.set_trainable_modules(heads)  # the prepared (DDP-wrapped) projector is what the loss must call
+    guide.to(accelerator.device)
+    ema.to(accelerator.device)
+    C.register_checkpoint_hooks(accelerator, ema)
+    transport = Transport(time_sampling=args.time_sampling)
+    guard = T.NonFiniteGuard(accelerator, args.max_nonfinite_steps, explosion_factor=args.loss_explosion_factor)
+
+    # 4. Resume: a complete checkpoint (manifest), with the flags that may change applied and the others refused
+    global_step, args.resume_history = 0, []
+    resume = C.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir,
+                                         num_processes=accelerator.num_processes,
+                                         allow_inexact=args.allow_inexact_resume)
+    if resume is not None:
+        accelerator.print(f"Resuming from {resume}")
+        global_step, args.resume_history = C.resume_training(accelerator, resume, run_args=vars(args),
+                                                             optimizer=optimizer, ema=ema, stream=stream, guard=guard)
+        if accelerator.is_main_process:
+            cli.save_args(args, output_dir / "args.json")  # the values in effect and the resume history
+    else:
+        set_seed(args.seed, device_specific=True)  # on resume, load_state restored every process's RNG instead
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers(args.tracker_project_name or output_dir.name, config=T.tracker_config(vars(args)))
+    log = T.StepLog(accelerator, output_dir / "loss_log.jsonl", initial_step=global_step,
+                    total_steps=args.max_train_steps, logging_steps=args.logging_steps, images_per_step=global_batch,
+                    progress=args.progress)
+    grid_options = dict(class_labels=args.validation_class_labels or T.default_validation_labels(stream.num_classes),
+                        num_inference_steps=args.validation_num_inference_steps,
+                        guidance_scale=args.validation_guidance_scale, seed=args.seed, id2label=stream.id2label)
+    batches = iter(stream)
+
+    # 5. Loop
+    while global_step < args.max_train_steps:
+        step_start = time.perf_counter()
+        with accelerator.accumulate(model, *heads):
+            batch = next(batches)
+            x0 = encoder(batch, accelerator.device)
+            labels = batch["class_labels"].to(accelerator.device)
+            loss, loss_diff, terms = compute_loss(model, guide, x0, labels, transport, step=global_step,
+                                                  class_dropout_prob=args.class_dropout_prob)
+            stepped = guard.check(loss)  # collective: every process skips a step that is bad anywhere
+            if stepped:
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients and stepped:
+            ema.step(T.unwrap(accelerator, model).parameters())
+        log.train_seconds += time.perf_counter() - step_start  # every micro-step counts, EMA included
+        if not accelerator.sync_gradients or not stepped:
+            continue
+        global_step += 1
+        log.step(global_step, {"loss": loss, "loss_diff": loss_diff, **{f"loss_{k}": v for k, v in terms.items()}},
+                 counts={"data_skipped": stream.skips.num_skipped}, nonfinite_skipped=guard.skipped)
+        if global_step % args.checkpointing_steps == 0:
+            C.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, stream=stream,
+                              run_args=vars(args), guard=guard)  # the guard notes whether this checkpoint is healthy
+        if global_step % args.validation_steps == 0:
+            T.save_ema_samples(accelerator, model, ema, vae, output_dir / "samples" / f"step-{global_step:07d}.png",
+                               step=global_step, **grid_options)
+    log.close()
+
+    # 6. The EMA pipeline folder, its sample grid and model card, the Hub
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        T.export_pipeline(output_dir, T.unwrap(accelerator, model), ema, vae, stream.id2label,
+                          save_remote_code=args.save_remote_code)
+        T.save_ema_samples(accelerator, model, ema, vae, output_dir / "samples.png", step=global_step, **grid_options)
+        hub.write_run_card(output_dir, run_args=vars(args), template="stage2.md", sample_image="samples.png",
+                           base_model=args.guiding_model_name_or_path,
+                           metrics={"final_loss": log.last.get("loss"), "steps": global_step,
+                                    "nonfinite_skipped": guard.skipped, "data_skipped": log.last.get("data_skipped")})
+        if args.push_to_hub:
+            repo_id = hub.push_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token,
+                                      private=args.hub_private)
+            logger.info(f"Pushed to https://huggingface.co/{repo_id}", main_process_only=True)
+    accelerator.end_training()
+    return output_dir
 
 
 if __name__ == "__main__":

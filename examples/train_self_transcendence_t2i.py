@@ -45,7 +45,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from diffusers_selftrans import hub
+from diffusers_selftrans import checkpointing as C
+from diffusers_selftrans import cli, hub
 from diffusers_selftrans import training as T
 from diffusers_selftrans.alignment import build_alignment, default_t2i_options
 from diffusers_selftrans.data import preprocess_image
@@ -137,13 +138,13 @@ def parse_args(input_args=None):
     g.add_argument("--t_range", type=float, nargs=2, default=None,
                    help="Only apply the alignment loss for t in this range (released T2I setting: every t).")
     g.add_argument("--projector_dim", type=int, default=None, help="Alignment MLP width (default 2048).")
-    T.add_training_args(parser)
+    cli.add_training_args(parser)
     g = parser.add_argument_group("text-to-image training")
     g.add_argument("--lr_warmup_steps", type=int, default=T2I_WARMUP_STEPS, help="Linear warm-up, then constant.")
     g.add_argument("--validation_prompts", type=str, nargs="*", default=None)
     parser.set_defaults(learning_rate=T2I_LEARNING_RATE, adam_beta2=T2I_ADAM_BETA2,
                         adam_weight_decay=T2I_WEIGHT_DECAY, output_dir="t2i-selftrans")
-    args = T.parse_args_with_config(parser, input_args)
+    args = cli.parse_args_with_config(parser, input_args)
     if args.pretrained_model_name_or_path is None:
         parser.error("--pretrained_model_name_or_path is required (the pipeline that provides VAE and text encoders).")
     if args.stage == 2 and args.guiding_model_name_or_path is None:
@@ -461,7 +462,7 @@ def main(args=None):
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        T.save_args(args, output_dir / "args.json")
+        cli.save_args(args, output_dir / "args.json")
     per_device = args.train_batch_size
     if per_device is None:
         denom = accelerator.num_processes * args.gradient_accumulation_steps
@@ -528,37 +529,29 @@ def main(args=None):
     method.set_trainable_modules(heads)
     method.to(accelerator.device)
     ema.to(accelerator.device)
-    T.register_checkpoint_hooks(accelerator, ema, transformer_cls=transformer_cls)
+    C.register_checkpoint_hooks(accelerator, ema, transformer_cls=transformer_cls)
     transport = Transport(time_sampling=args.time_sampling)
     if accelerator.is_main_process:
-        T.save_args(args, output_dir / "args.json")
+        cli.save_args(args, output_dir / "args.json")
 
     # 5.5 Resume (exact: weights, EMA, optimizer, warm-up, RNG of every process, data position, loss guard)
     global_step, train_seconds = 0, 0.0
     guard = T.NonFiniteGuard(accelerator, args.max_nonfinite_steps, explosion_factor=args.loss_explosion_factor)
-    resume = T.resolve_resume_checkpoint(args, num_processes=accelerator.num_processes)
+    resume = C.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir,
+                                         num_processes=accelerator.num_processes,
+                                         allow_inexact=args.allow_inexact_resume)
     args.resume_history = []
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
-        global_step = T.checkpoint_step(resume)
-        changed = T.compare_resume_args(args, resume)
-        accelerator.load_state(str(resume))
-        stream.load_state(resume)
-        T.apply_resume_changes(args, optimizer, ema)
+        global_step, args.resume_history = C.resume_training(accelerator, resume, run_args=vars(args),
+                                                             optimizer=optimizer, ema=ema, stream=stream, guard=guard)
         # a changed --learning_rate is the new peak of the warm-up schedule (LambdaLR: lr = base_lr * factor(step))
         schedule = lr_scheduler.scheduler
         schedule.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
         for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas):
             group["lr"] = args.learning_rate * factor(schedule.last_epoch)
-        if (resume / T.GUARD_STATE_NAME).is_file():
-            guard.load_state_dict(json.loads((resume / T.GUARD_STATE_NAME).read_text()))
-            last = guard.last_good_checkpoint
-            guard.last_good_checkpoint = None if last is None else resume.parent / last.name
-        else:
-            guard.last_good_checkpoint = resume
-        T.record_resume(args, resume, global_step, changed)
         if accelerator.is_main_process:
-            T.save_args(args, output_dir / "args.json")
+            cli.save_args(args, output_dir / "args.json")
     else:
         set_seed(args.seed, device_specific=True)
     if accelerator.is_main_process and args.report_to != "none":
@@ -570,7 +563,7 @@ def main(args=None):
     logged, loss_log = {}, None
     images_seen, tick = 0, time.perf_counter()
     if accelerator.is_main_process:
-        train_seconds = T.rewind_loss_log(output_dir / "loss_log.jsonl", global_step)
+        train_seconds = C.rewind_loss_log(output_dir / "loss_log.jsonl", global_step)
         loss_log = open(output_dir / "loss_log.jsonl", "a")
     batches = iter(stream)
 
@@ -626,8 +619,8 @@ def main(args=None):
             loss_log.write(json.dumps({"step": global_step, **logged}) + "\n")
             loss_log.flush()
         if global_step % args.checkpointing_steps == 0:
-            T.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, stream=stream,
-                              args=args, guard=guard)
+            C.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, stream=stream,
+                              run_args=vars(args), guard=guard)
         if global_step % args.validation_steps == 0:
             save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema, global_step)
     progress.close()
@@ -643,7 +636,7 @@ def main(args=None):
         grid = save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema, global_step)
         if grid is not None:
             os.replace(grid, output_dir / "samples.png")
-        hparams = {k: v for k, v in vars(args).items() if "--" + k not in T.SECRET_FLAGS and k != "launch_command"}
+        hparams = {k: v for k, v in vars(args).items() if "--" + k not in cli.SECRET_FLAGS and k != "launch_command"}
         hub.render_model_card(
             output_dir, template="t2i.md", hyperparameters=hparams, command=args.launch_command,
             repo_id=args.hub_model_id or output_dir.name, dataset=args.dataset_name,

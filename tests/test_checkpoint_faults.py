@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training import assets, flags, read_losses, train_align, train_self_transcendence  # noqa: F401
+from test_training import assets, flags, read_losses, resolve, train_align, train_self_transcendence  # noqa: F401
 
+from diffusers_selftrans import checkpointing as C
 from diffusers_selftrans import training as T
 
 # Every run here is tiny: 2 steps, a checkpoint after each, no sample grids in between.
@@ -86,12 +87,12 @@ def test_latest_skips_a_damaged_newest_checkpoint_and_an_explicit_one_is_an_erro
     relative, spoil = DAMAGES[damage]
     spoil(out / "checkpoint-2" / relative)
     with caplog.at_level(logging.WARNING):
-        chosen = T.resolve_resume_checkpoint(train_align.parse_args(flags(assets, out, resume_from_checkpoint="latest")))
+        chosen = resolve(train_align.parse_args(flags(assets, out, resume_from_checkpoint="latest")))
     assert chosen.name == "checkpoint-1"
     assert "checkpoint-2" in caplog.text and relative.split("/")[0] in caplog.text
     explicit = train_align.parse_args(flags(assets, out, resume_from_checkpoint=str(out / "checkpoint-2")))
     with pytest.raises(ValueError, match=rf"checkpoint-2.*{relative.split('/')[0]}"):
-        T.resolve_resume_checkpoint(explicit)
+        resolve(explicit)
 
 
 def test_latest_resume_past_a_truncated_checkpoint_is_exact(assets, two_checkpoints, tmp_path):  # noqa: F811
@@ -112,15 +113,15 @@ def test_inexact_resume_needs_the_flag_and_checkpoints_without_manifest_are_refu
     (out / "checkpoint-2" / "random_states_0.pkl").unlink()
     (out / "checkpoint-1" / "manifest.json").unlink()  # as written by an older version
     with pytest.raises(ValueError, match=r"checkpoint-1.*manifest\.json.*--allow_inexact_resume"):
-        T.resolve_resume_checkpoint(train_align.parse_args(flags(assets, out, resume_from_checkpoint="latest")))
+        resolve(train_align.parse_args(flags(assets, out, resume_from_checkpoint="latest")))
     with caplog.at_level(logging.WARNING):
-        chosen = T.resolve_resume_checkpoint(train_align.parse_args(
+        chosen = resolve(train_align.parse_args(
             flags(assets, out, resume_from_checkpoint="latest", allow_inexact_resume=True)))
     assert chosen.name == "checkpoint-2" and "NOT exact" in caplog.text and "random_states_0.pkl" in caplog.text
     # damaged weights stay an error even with the flag
     truncate(out / "checkpoint-2" / "projector" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(ValueError, match=r"projector"):
-        T.resolve_resume_checkpoint(train_align.parse_args(
+        resolve(train_align.parse_args(
             flags(assets, out, resume_from_checkpoint=str(out / "checkpoint-2"), allow_inexact_resume=True)))
 
 
@@ -198,10 +199,10 @@ def test_full_disk_removes_the_partial_checkpoint_and_says_how_to_resume(assets,
     # only the run's folder is full (`datasets` checks the free space of its cache too)
     monkeypatch.setattr(shutil, "disk_usage",
                         lambda path: usage(10**9, 10**9, 0) if str(out) in str(path) else real_usage(path))
-    with pytest.raises(T.CheckpointWriteError, match=r"(?s)full.*checkpoint-1.*--resume_from_checkpoint latest"):
+    with pytest.raises(C.CheckpointWriteError, match=r"(?s)full.*checkpoint-1.*--resume_from_checkpoint latest"):
         train_align.main(flags(assets, out, **FAST))
     assert not (out / "checkpoint-2.tmp").exists() and not (out / "checkpoint-2").exists()
-    assert T.checkpoint_problems(out / "checkpoint-1") == []
+    assert C.checkpoint_problems(out / "checkpoint-1") == []
 
 
 # ----------------------------------------------------------------------------------------------------------------------

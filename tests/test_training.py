@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import train_align  # noqa: E402
 import train_self_transcendence  # noqa: E402
 
+from diffusers_selftrans import checkpointing as C  # noqa: E402
 from diffusers_selftrans import hub, training as T  # noqa: E402
 
 TINY_MODEL = {"patch_size": 2, "num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 16}
@@ -69,6 +70,12 @@ def read_losses(output_dir):
         row = json.loads(line)
         rows[row["step"]] = row  # a resumed run rewrites steps after its checkpoint
     return rows
+
+
+def resolve(args):
+    """The checkpoint a training script resumes from, given its flags."""
+    return C.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir,
+                                       allow_inexact=args.allow_inexact_resume)
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +176,12 @@ def test_checkpoints_total_limit_and_latest_ignores_partial_writes(assets):
     out = assets / "limit"
     train_align.main(flags(assets, out, max_train_steps=6, checkpointing_steps=1, checkpoints_total_limit=2,
                            validation_steps=100))
-    assert [p.name for p in T.list_checkpoints(out)] == ["checkpoint-5", "checkpoint-6"]
+    assert [p.name for p in C.list_checkpoints(out)] == ["checkpoint-5", "checkpoint-6"]
     # a kill during a save leaves only a .tmp folder: `latest` must never pick it
     (out / "checkpoint-7.tmp").mkdir()
     shutil.copytree(out / "checkpoint-6", out / "checkpoint-10")  # numeric, not string, order (a complete copy)
     args = train_align.parse_args(flags(assets, out, resume_from_checkpoint="latest"))
-    assert T.resolve_resume_checkpoint(args).name == "checkpoint-10"
+    assert resolve(args).name == "checkpoint-10"
 
 
 def test_two_processes_run_stage2_past_the_guide_stop(assets, stage1, tmp_path):
@@ -334,7 +341,7 @@ def test_rewind_loss_log_drops_steps_after_the_checkpoint_and_returns_the_clock(
     log = tmp_path / "loss_log.jsonl"
     rows = [{"step": s, "loss": 1.0 / s, "train_seconds": 0.5 * s} for s in range(1, 6)]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')  # killed mid-write
-    assert T.rewind_loss_log(log, 3) == 1.5
+    assert C.rewind_loss_log(log, 3) == 1.5
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
-    assert T.rewind_loss_log(log, 0) == 0.0 and log.read_text() == ""  # a fresh run starts an empty log
-    assert T.rewind_loss_log(tmp_path / "missing.jsonl", 7) == 0.0
+    assert C.rewind_loss_log(log, 0) == 0.0 and log.read_text() == ""  # a fresh run starts an empty log
+    assert C.rewind_loss_log(tmp_path / "missing.jsonl", 7) == 0.0

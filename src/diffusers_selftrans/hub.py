@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from .pipelines.pipeline_sit import _BUILTIN_LIBRARIES
-from .training import CHECKPOINT_PREFIX
+from .checkpointing import CHECKPOINT_PREFIX
 
 
 # The card templates ship inside the package (package_data in setup.py), so an installed wheel finds them too.
@@ -57,6 +57,23 @@ def render_model_card(output_dir: Union[str, os.PathLike], *, template: str, hyp
     )
     card.save(str(Path(output_dir) / "README.md"))
     return card
+
+
+def write_run_card(output_dir: Union[str, os.PathLike], *, run_args: dict, template: str, metrics: dict,
+                   sample_image: Optional[str] = None, base_model: Optional[str] = None, **card_kwargs):
+    """The model card of a training run from its resolved flags: the exact command, every hyperparameter (secrets
+    removed), the data, `metrics` and, if flags changed on resume, the resume history."""
+    from .cli import run_arguments
+
+    run_args = run_arguments(run_args)
+    if run_args.get("resume_history"):  # [{step, changed: {flag: [old, new]}}]
+        metrics = {**metrics, "resume_history": json.dumps(run_args["resume_history"])}
+    return render_model_card(
+        output_dir, template=template, hyperparameters={k: v for k, v in run_args.items() if k != "launch_command"},
+        command=run_args["launch_command"], repo_id=run_args.get("hub_model_id") or Path(output_dir).name,
+        dataset=run_args.get("dataset_name"),
+        data_description="local image folder" if run_args.get("train_data_dir") else None,
+        metrics=metrics, sample_image=sample_image, base_model=base_model, **card_kwargs)
 
 
 def read_model_card_template(template: str) -> str:

@@ -1,0 +1,389 @@
+# Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
+"""Checkpoints that a kill, a full disk or a changed flag cannot turn into a silently wrong run.
+
+- `save_checkpoint`: `accelerator.save_state` into `checkpoint-N.tmp` (transformer / projector / EMA as
+  `save_pretrained` folders through `register_checkpoint_hooks`), each process's data position, the run's arguments
+  and the loss guard's state, then `manifest.json` (every file and its size) LAST, then an atomic rename; a failed
+  write removes the `.tmp` and says which checkpoint is intact.
+- `resolve_resume_checkpoint`: `latest` is the newest checkpoint whose manifest matches; damaged ones are skipped and
+  named; a resume that cannot be exact refuses to start unless `allow_inexact`.
+- `resume_training`: refuses changed flags that cannot take effect (`RESUME_CHANGEABLE_FLAGS` lists those that can),
+  loads the state and applies the rest; `rewind_loss_log` drops log rows written after the checkpoint.
+"""
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .cli import SECRET_FLAGS, run_arguments, save_args
+from .models import AlignmentProjector, SiTTransformer2DModel
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def register_checkpoint_hooks(accelerator, ema=None, transformer_cls=None):
+    """Save the prepared transformer as `transformer/`, an `AlignmentProjector` as `projector/` (both `save_pretrained`
+    folders) and the EMA as `transformer_ema/`; load them back on resume. Other modules stay with accelerate.
+
+    `transformer_cls`: the transformer's class (default our `SiTTransformer2DModel`; the T2I script passes the
+    diffusers class it trains, e.g. `SD3Transformer2DModel`)."""
+    transformer_cls = transformer_cls or SiTTransformer2DModel
+    handled = (transformer_cls, AlignmentProjector)
+
+    def folder_name(model) -> str:
+        return "transformer" if isinstance(model, transformer_cls) else "projector"
+
+    def save_hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        for i in reversed(range(len(models))):
+            model = getattr(models[i], "_orig_mod", models[i])
+            if isinstance(model, handled):
+                model.save_pretrained(os.path.join(output_dir, folder_name(model)))
+                weights.pop(i)
+        if ema is not None:
+            ema.save_pretrained(os.path.join(output_dir, "transformer_ema"))
+
+    def load_hook(models, input_dir):
+        for i in reversed(range(len(models))):
+            model = getattr(models[i], "_orig_mod", models[i])
+            if isinstance(model, handled):
+                loaded = type(model).from_pretrained(os.path.join(input_dir, folder_name(model)))
+                model.load_state_dict(loaded.state_dict())
+                models.pop(i)
+        if ema is not None:
+            loaded = type(ema).from_pretrained(os.path.join(input_dir, "transformer_ema"), transformer_cls,
+                                               foreach=ema.foreach)
+            ema.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def list_checkpoints(output_dir) -> List[Path]:
+    """`checkpoint-N` folders (complete or not: see `checkpoint_problems`), oldest first (by step number, not by
+    name). A `.tmp` folder left by a kill mid-write is never listed."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+# Written LAST into `checkpoint-N.tmp` (before the rename): the relative path and size of every other file. A
+# checkpoint is complete only when every listed file is there with its size.
+MANIFEST_NAME = "manifest.json"
+# The resolved arguments of the run that wrote the checkpoint (compared on resume) and the loss guard's state.
+CHECKPOINT_ARGS_NAME = "args.json"
+GUARD_STATE_NAME = "guard_state.json"
+# accelerate's per-process RNG files. Without them `load_state` only logs an INFO line and the run goes on with other
+# random draws: a resume that is not exact. Damage there is the only kind `--allow_inexact_resume` accepts.
+RNG_STATE_FILE = re.compile(r"random_states_(\d+)\.pkl")
+
+
+def write_manifest(folder: Path) -> Path:
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+    path = folder / MANIFEST_NAME
+    with open(path, "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def checkpoint_problems(path, num_processes: Optional[int] = None) -> List[tuple]:
+    """What keeps checkpoint `path` from an exact resume, as `(relative file, reason)` pairs; `[]` when complete.
+
+    `num_processes`: also require the RNG state of every process of the resuming run."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return [(MANIFEST_NAME, f"{MANIFEST_NAME} is missing (a checkpoint of a version without manifests: its files "
+                                f"cannot be verified)")]
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return [(MANIFEST_NAME, f"{MANIFEST_NAME} is unreadable")]
+    problems = []
+    for relative, size in files.items():
+        f = path / relative
+        if not f.is_file():
+            problems.append((relative, f"{relative} is missing"))
+        elif f.stat().st_size != size:
+            problems.append((relative, f"{relative} has {f.stat().st_size} bytes, the manifest says {size}"))
+    for rank in range(num_processes or 0):
+        relative = f"random_states_{rank}.pkl"
+        if relative not in files:
+            problems.append((relative, f"{relative} was never written (the checkpoint comes from fewer processes)"))
+    return problems
+
+
+def _inexact_only(problems) -> bool:
+    """Problems `--allow_inexact_resume` may accept: only RNG states, or no manifest (an older checkpoint)."""
+    return all(RNG_STATE_FILE.fullmatch(Path(rel).name) or rel == MANIFEST_NAME for rel, _ in problems)
+
+
+def _describe(path: Path, problems) -> str:
+    return f"{path}: " + "; ".join(reason for _, reason in problems)
+
+
+def _accept_inexact(path: Path, problems):
+    logger.warning(
+        "!!! INEXACT RESUME (--allow_inexact_resume) from %s: %s. The run continues, but it is NOT exact: it will "
+        "not repeat the losses and weights of an uninterrupted run.", path, "; ".join(r for _, r in problems))
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: Optional[str], output_dir, *, num_processes: Optional[int] = None,
+                              allow_inexact: bool = False) -> Optional[Path]:
+    """The checkpoint to resume from, or None. `latest` takes the newest complete checkpoint and logs every newer
+    one it skipped and why; an explicitly named damaged checkpoint is an error naming the damaged file. A checkpoint
+    that can only resume inexactly (missing/damaged RNG states, no manifest) needs `--allow_inexact_resume`."""
+    if not resume_from_checkpoint:
+        return None
+    hint = (" Pass --allow_inexact_resume to resume anyway from a checkpoint whose only problem is its RNG states or "
+            "a missing manifest (the run is then not exact).")
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting from scratch.", output_dir)
+            return None
+        skipped = []
+        for path in reversed(found):
+            problems = checkpoint_problems(path, num_processes)
+            if problems and allow_inexact and _inexact_only(problems):
+                _accept_inexact(path, problems)
+                problems = []
+            if not problems:
+                for bad, reasons in skipped:
+                    logger.warning("--resume_from_checkpoint latest: skipping damaged %s", _describe(bad, reasons))
+                return path
+            skipped.append((path, problems))
+        inexact = any(_inexact_only(p) for _, p in skipped)
+        raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}. "
+                         + " | ".join(_describe(p, r) for p, r in skipped) + "." + (hint if inexact else ""))
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        path = Path(output_dir) / resume_from_checkpoint
+    if not path.is_dir():
+        raise ValueError(f"Checkpoint {resume_from_checkpoint} does not exist.")
+    problems = checkpoint_problems(path, num_processes)
+    if problems and allow_inexact and _inexact_only(problems):
+        _accept_inexact(path, problems)
+    elif problems:
+        raise ValueError(f"Checkpoint {_describe(path, problems)}." + (hint if _inexact_only(problems) else ""))
+    return path
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name[len(CHECKPOINT_PREFIX):])
+
+
+# Flags a resumed run may change, and how each takes effect. Any other difference from the checkpoint's arguments
+# (model shape, alignment method and its layers/weights, seed, data, batch size, precision, ...) is refused: the
+# saved state would silently win, or the run would no longer be the one its args.json and model card describe.
+RESUME_CHANGEABLE_FLAGS = {
+    "learning_rate": "set on the optimizer's param groups after loading",
+    "adam_beta1": "set on the optimizer's param groups after loading",
+    "adam_beta2": "set on the optimizer's param groups after loading",
+    "adam_weight_decay": "set on the optimizer's param groups after loading",
+    "adam_epsilon": "set on the optimizer's param groups after loading",
+    "ema_decay": "set on the EMA model after loading",
+    "max_grad_norm": "read every step",
+    "max_train_steps": "read every step",
+    "num_train_epochs": "only resolves --max_train_steps",
+    "max_nonfinite_steps": "the guard is built after loading",
+    "loss_explosion_factor": "the guard is built after loading",
+    "logging_steps": "cadence, read every step",
+    "checkpointing_steps": "cadence, read every step",
+    "checkpoints_total_limit": "read at every save",
+    "validation_steps": "cadence, read every step",
+    "validation_class_labels": "preview grids only",
+    "validation_num_inference_steps": "preview grids only",
+    "validation_guidance_scale": "preview grids only",
+    "report_to": "logging only", "logging_dir": "logging only", "tracker_project_name": "logging only",
+    "progress": "logging only",
+    "push_to_hub": "export only", "hub_model_id": "export only", "hub_private": "export only",
+    "save_remote_code": "export only",
+    "output_dir": "the run's folder may move", "cache_dir": "where `datasets` caches, not what it reads",
+    "gradient_checkpointing": "speed and memory; the same math",
+    "torch_compile": "speed; the same math",
+    "allow_tf32": "matmul precision on GPUs, set at start",
+}
+# Never compared: the invocation itself.
+RESUME_BOOKKEEPING_KEYS = ("launch_command", "resume_from_checkpoint", "config", "allow_inexact_resume",
+                           "resume_history")
+
+
+def compare_resume_args(run_args: Dict[str, Any], checkpoint: Path) -> Dict[str, list]:
+    """`{flag: [checkpoint value, current value]}` for the flags that differ from the checkpoint's `args.json` and
+    may change (`RESUME_CHANGEABLE_FLAGS`; the caller applies them); a ValueError naming both values for any other."""
+    saved_path = Path(checkpoint) / CHECKPOINT_ARGS_NAME
+    if not saved_path.is_file():  # only reachable through --allow_inexact_resume (no manifest: an older version)
+        logger.warning("%s has no %s: the flags of this run cannot be compared with the checkpoint's.",
+                       checkpoint, CHECKPOINT_ARGS_NAME)
+        return {}
+    saved = json.loads(saved_path.read_text())
+    current = json.loads(json.dumps(run_arguments(run_args), default=str))  # the same normalisation as `save_args`
+    absent = "(absent)"
+    changed = {}
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUME_BOOKKEEPING_KEYS or "--" + key in SECRET_FLAGS:
+            continue
+        old, new = saved.get(key, absent), current.get(key, absent)
+        if old != new:
+            changed[key] = [old, new]
+    refused = {k: v for k, v in changed.items() if k not in RESUME_CHANGEABLE_FLAGS}
+    if refused:
+        raise ValueError(
+            "Cannot resume with changed settings that cannot take effect on a resumed run: "
+            + "; ".join(f"--{k}: {old} in {saved_path}, now {new}" for k, (old, new) in refused.items())
+            + ". Resume with the checkpoint's values, or start a new run in another --output_dir."
+        )
+    return changed
+
+
+def record_resume(checkpoint: Path, step: int, changed: Dict[str, list]) -> List[dict]:
+    """The run's resume history: the checkpoint's, plus `{step, changed}` when flags changed now (logged)."""
+    saved_path = Path(checkpoint) / CHECKPOINT_ARGS_NAME
+    history = json.loads(saved_path.read_text()).get("resume_history", []) if saved_path.is_file() else []
+    if changed:
+        history = history + [{"step": step, "changed": changed}]
+        logger.warning("Resumed at step %d with changed flags: %s", step,
+                       ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changed.items()))
+    return history
+
+
+def resume_training(accelerator, checkpoint: Path, *, run_args: Dict[str, Any], optimizer, ema, stream=None,
+                    guard=None) -> Tuple[int, List[dict]]:
+    """Continue a run from `checkpoint`; returns `(global step, resume history)`.
+
+    Flags that differ from the checkpoint's and cannot take effect are refused before anything loads; then the
+    accelerate state (models, optimizer, EMA, RNG), each process's data position and the guard's state are loaded,
+    and the current optimizer / EMA hyperparameters (`run_args`) replace the saved ones.
+    """
+    changed = compare_resume_args(run_args, checkpoint)
+    accelerator.load_state(str(checkpoint))
+    if stream is not None:
+        stream.load_state(str(checkpoint))
+    for group in optimizer.param_groups:  # the current flags, not the saved state, set the hyperparameters
+        group.update(lr=run_args["learning_rate"], betas=(run_args["adam_beta1"], run_args["adam_beta2"]),
+                     weight_decay=run_args["adam_weight_decay"], eps=run_args["adam_epsilon"])
+    ema.decay = ema.min_decay = run_args["ema_decay"]
+    if guard is not None:
+        if (checkpoint / GUARD_STATE_NAME).is_file():
+            guard.load_state_dict(json.loads((checkpoint / GUARD_STATE_NAME).read_text()))
+            last = guard.last_good_checkpoint  # by name: the run's folder may have moved
+            guard.last_good_checkpoint = None if last is None else checkpoint.parent / last.name
+        else:
+            guard.last_good_checkpoint = checkpoint
+    step = checkpoint_step(checkpoint)
+    return step, record_resume(checkpoint, step, changed)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; its partial `.tmp` folder was removed."""
+
+
+# Torch's writer reports a full disk as `basic_ios::clear: iostream error`, without an errno. A filesystem left with
+# less free space than this right after a failed write (before the partial files are removed) was filled by it.
+DISK_FULL_FREE_BYTES = 16 * 2**20
+
+
+def newest_complete_checkpoint(output_dir) -> Optional[Path]:
+    for path in reversed(list_checkpoints(output_dir)):
+        if not checkpoint_problems(path):
+            return path
+    return None
+
+
+def _checkpoint_write_error(output_dir, tmp: Path, step: int, error: BaseException) -> CheckpointWriteError:
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < DISK_FULL_FREE_BYTES)
+    shutil.rmtree(tmp, ignore_errors=True)
+    intact = newest_complete_checkpoint(output_dir)
+    cause = (f"The device holding {output_dir} is full ({free} bytes free)" if full
+             else f"Writing failed ({type(error).__name__}: {error})")
+    return CheckpointWriteError(
+        f"{cause} while writing {CHECKPOINT_PREFIX}{step}; the partial {tmp} was removed. "
+        + (f"The newest intact checkpoint is {intact}. " if intact else "No intact checkpoint exists yet. ")
+        + ("Free some space, then " if full else "Fix the cause, then ")
+        + "rerun the same command with --resume_from_checkpoint latest."
+    )
+
+
+def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int] = None, stream=None,
+                    run_args: Optional[Dict[str, Any]] = None, guard=None) -> Path:
+    """`accelerator.save_state` into `checkpoint-N.tmp`, then an atomic rename to `checkpoint-N`; prune old ones.
+
+    `stream` (a `TrainDataStream`) writes each process's data position into the same folder, `run_args` the resolved
+    arguments (`args.json`, compared on resume) and `guard` (a `NonFiniteGuard`) its state, which also records
+    whether this checkpoint is healthy. `manifest.json` is written last, then the folder is renamed. A failed write
+    (full disk, ...) removes the `.tmp` folder and raises a `CheckpointWriteError` that says how to resume.
+    """
+    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        if stream is not None:
+            stream.save_state(str(tmp))
+        if accelerator.is_main_process:
+            if run_args is not None:
+                save_args(run_args, tmp / CHECKPOINT_ARGS_NAME)
+            if guard is not None:
+                guard.checkpoint_saved(final)
+                (tmp / GUARD_STATE_NAME).write_text(json.dumps(guard.state_dict()))
+    except (OSError, RuntimeError) as error:
+        raise _checkpoint_write_error(output_dir, tmp, step, error) from error
+    if guard is not None and not accelerator.is_main_process:
+        guard.checkpoint_saved(final)  # every process keeps the same guard state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        try:
+            write_manifest(tmp)
+        except OSError as error:
+            raise _checkpoint_write_error(output_dir, tmp, step, error) from error
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+        logger.info("Saved %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def rewind_loss_log(path: Path, step: int) -> float:
+    """Resume the per-step loss log at `step`: drop rows written after that checkpoint (a run killed between two
+    checkpoints logged steps that will be trained again) and return the training seconds logged at `step`, so the
+    wall-clock of a resumed run continues instead of starting again at zero."""
+    path = Path(path)
+    if not path.is_file():
+        return 0.0
+    kept, seconds = [], 0.0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if row.get("step", step + 1) <= step:
+            kept.append(line)
+            seconds = float(row.get("train_seconds", seconds))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return seconds

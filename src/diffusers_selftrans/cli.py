@@ -1,0 +1,252 @@
+# Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
+"""Every command-line flag of the SiT training scripts, in one place, with its default and where that comes from.
+
+`examples/train_align.py` (stage 1 and the baselines) and `examples/train_self_transcendence.py` (stage 2) build
+their parsers from these groups: model, data (`diffusers_selftrans.data.add_data_args`), training, alignment and, for
+stage 2, the guide. `--config file.yaml|json` takes the same keys as the flags. Only the scripts and this module
+know the argparse namespace: the library takes explicit parameters, and `alignment_options` / `guide_options` turn
+flags into the options of `diffusers_selftrans.alignment.build_alignment`.
+"""
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .alignment import ALIGNMENT_METHODS
+from .training import LOSS_EXPLOSION_FACTOR
+
+# REPA/ST recipe (method-notes §2): AdamW lr 1e-4 constant, betas (0.9, 0.999), wd 0, eps 1e-8, grad clip 1.0,
+# EMA 0.9999 constant, global batch 256.
+DEFAULT_LEARNING_RATE = 1e-4
+DEFAULT_GLOBAL_BATCH_SIZE = 256
+DEFAULT_EMA_DECAY = 0.9999
+DEFAULT_MAX_GRAD_NORM = 1.0
+# The ST training preview draws 50-step Euler samples at CFG 4.0 (method-notes §3.4).
+DEFAULT_VALIDATION_GUIDANCE = 4.0
+
+
+def add_model_args(parser: argparse.ArgumentParser):
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", type=str, default="SiT-B/2",
+                   help="A preset (SiT-S/2 ... SiT-XL/8) or a path to a SiTTransformer2DModel config JSON.")
+    g.add_argument("--qk_norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="q/k LayerNorm. On in the Self-Transcendence release (REPA: off).")
+    g.add_argument("--class_dropout_prob", type=float, default=0.1, help="Label dropout for CFG (SiT/REPA: 0.1).")
+    g.add_argument("--vae_name_or_path", type=str, default="stabilityai/sd-vae-ft-ema",
+                   help="A diffusers AutoencoderKL folder or Hub id.")
+    g.add_argument("--vae_subfolder", type=str, default=None)
+    g.add_argument("--time_sampling", type=str, default="uniform", choices=["uniform", "logit_normal"],
+                   help="Training t density (REPA/ST: uniform).")
+
+
+def add_training_args(parser: argparse.ArgumentParser):
+    g = parser.add_argument_group("training")
+    g.add_argument("--output_dir", type=str, default="sit-output")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train_batch_size", type=int, default=None,
+                   help="Per-device batch. Default: --global_batch_size / (processes * accumulation).")
+    g.add_argument("--global_batch_size", type=int, default=DEFAULT_GLOBAL_BATCH_SIZE)
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="Optimizer steps. Default: --num_train_epochs over the dataset size.")
+    g.add_argument("--num_train_epochs", type=float, default=None)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=DEFAULT_LEARNING_RATE)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=DEFAULT_MAX_GRAD_NORM)
+    g.add_argument("--ema_decay", type=float, default=DEFAULT_EMA_DECAY, help="Constant EMA decay (REPA: 0.9999).")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer.")
+    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="Stop after this many consecutive bad steps (NaN/inf or exploding loss; each is skipped).")
+    g.add_argument("--loss_explosion_factor", type=float, default=LOSS_EXPLOSION_FACTOR,
+                   help="A finite loss above this many times the running mean of recent healthy losses is a bad "
+                        "step too (skipped, counted like NaN). 0 disables the check.")
+    g = parser.add_argument_group("logging, checkpoints, samples")
+    g.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all, or none.")
+    g.add_argument("--logging_dir", type=str, default="logs")
+    g.add_argument("--tracker_project_name", type=str, default=None)
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--checkpointing_steps", type=int, default=10_000)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help='A checkpoint folder or "latest" (the newest complete one; damaged ones are skipped).')
+    g.add_argument("--allow_inexact_resume", action="store_true",
+                   help="Resume from a checkpoint whose RNG states are missing or damaged, or that has no manifest "
+                        "(older versions): the run continues but is NOT the same as an uninterrupted one.")
+    g.add_argument("--validation_steps", type=int, default=10_000, help="Sample a grid from the EMA model every N steps.")
+    g.add_argument("--validation_class_labels", type=int, nargs="*", default=None,
+                   help="Classes of the sample grid (default: up to 8 classes spread over the label range).")
+    g.add_argument("--validation_num_inference_steps", type=int, default=50)
+    g.add_argument("--validation_guidance_scale", type=float, default=DEFAULT_VALIDATION_GUIDANCE)
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", type=str, default=None)
+    g.add_argument("--hub_private", action="store_true")
+    g.add_argument("--save_remote_code", action=argparse.BooleanOptionalAction, default=True,
+                   help="Also write the pipeline's and the transformer's .py files into --output_dir (and so into the "
+                        "Hub push), so that DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) loads it "
+                        "with diffusers alone, without this package. --no-save_remote_code writes only weights and "
+                        "configs (then only SiTPipeline.from_pretrained loads the folder).")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar.")
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, input_args: Optional[Sequence[str]] = None):
+    """Parse flags; `--config FILE` (YAML or JSON) supplies defaults with the same keys, flags still win."""
+    parser.add_argument("--config", type=str, default=None, help="YAML/JSON file with the same keys as the flags.")
+    argv = list(sys.argv[1:] if input_args is None else input_args)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        values = load_config_file(pre.config)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown keys in {pre.config}: {unknown}. Valid keys are the script's flags.")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    # the exact command, for args.json and the model card (not sys.argv: tests and the quickstart call main(argv))
+    args.launch_command = shlex.join(["accelerate", "launch", f"examples/{parser.prog}", *redact_secrets(argv)])
+    return args
+
+
+SECRET_FLAGS = ("--hub_token",)
+
+
+def redact_secrets(argv: Sequence[str]) -> List[str]:
+    """Hide token values (`--hub_token X` or `--hub_token=X`) in anything written to disk or the Hub."""
+    out, hide_next = [], False
+    for item in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+        elif item in SECRET_FLAGS:
+            out.append(item)
+            hide_next = True
+        elif item.split("=", 1)[0] in SECRET_FLAGS:
+            out.append(item.split("=", 1)[0] + "=***")
+        else:
+            out.append(item)
+    return out
+
+
+def load_config_file(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of flag names to values.")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def run_arguments(args) -> Dict[str, Any]:
+    """The flags of a run as a plain dict without secrets: what `args.json`, resume checks and model cards record."""
+    values = args if isinstance(args, dict) else vars(args)
+    return {k: v for k, v in values.items() if "--" + k not in SECRET_FLAGS}
+
+
+def save_args(args, path: Path):
+    """The resolved arguments (a namespace or a dict) next to the outputs, secrets removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = run_arguments(args)
+    path.write_text(json.dumps(values, indent=2, sort_keys=True, default=str))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Alignment (stage 1 and the baselines)
+
+# Every method but stage 2's, which has its own script.
+STAGE1_ALIGNMENTS = tuple(m for m in ALIGNMENT_METHODS if m != "self_transcendence")
+
+
+def add_t_range_and_projector_args(g):
+    """The flags stage 1 (vae_align) and stage 2 (the guide) share."""
+    g.add_argument("--t_range", type=float, nargs=2, default=[0.4, 0.7],
+                   help="vae_align / guide loss only for t in this range (released scripts: 0.4 0.7).")
+    g.add_argument("--no_t_range", action="store_true", help="Apply the alignment loss at every t.")
+    g.add_argument("--t_range_mode", type=str, default="code_compat", choices=["code_compat", "per_sample"],
+                   help="code_compat: the released code's batch-mean mask (paper numbers); per_sample: the intent.")
+    g.add_argument("--projector_dim", type=int, default=None,
+                   help="Hidden width of the alignment MLPs (REPA/ST: 2048). Tiny models may want less.")
+
+
+def add_alignment_args(parser: argparse.ArgumentParser):
+    g = parser.add_argument_group("alignment")
+    g.add_argument("--alignment", type=str, default="vae_align", choices=STAGE1_ALIGNMENTS)
+    g.add_argument("--align_layer", type=int, default=None,
+                   help="Student block (1-based). Default: the method's depth-scaled default.")
+    g.add_argument("--align_target_layer", type=int, default=None,
+                   help="Deeper block for sra/layersync. Default: the method's depth-scaled default.")
+    g.add_argument("--align_loss_weight", type=float, default=None, help="lambda. Default: the method's.")
+    g.add_argument("--align_target", type=str, default="velocity", choices=["velocity", "x0"],
+                   help="vae_align target: velocity (released code, default) or x0 (paper Eq. 1).")
+    add_t_range_and_projector_args(g)
+    g.add_argument("--repa_encoder", type=str, default="facebook/dinov2-base",
+                   help="transformers.AutoModel id or folder of the REPA encoder.")
+    g.add_argument("--sra_t_max", type=float, default=0.2, help="SRA teacher time offset (SRA default 0.2).")
+
+
+# Which flag sets which option of each method (`build_alignment(method, config, **options)`); a flag left at None
+# keeps the method's own default.
+ALIGNMENT_FLAG_OPTIONS = {
+    "none": {},
+    "vae_align": {"align_layer": "layer", "align_loss_weight": "weight", "align_target": "align_target",
+                  "t_range_mode": "t_range_mode", "projector_dim": "projector_dim"},
+    "repa": {"align_layer": "layer", "align_loss_weight": "weight", "repa_encoder": "encoder",
+             "projector_dim": "projector_dim"},
+    "sra": {"align_layer": "student_layer", "align_target_layer": "teacher_layer", "align_loss_weight": "weight",
+            "sra_t_max": "t_max"},
+    "layersync": {"align_layer": "weak_layer", "align_target_layer": "target_layer", "align_loss_weight": "weight"},
+    "dispersive": {"align_layer": "layer", "align_loss_weight": "weight"},
+}
+# Methods whose loss is restricted to --t_range (None, from --no_t_range, applies it at every t).
+T_RANGE_METHODS = ("vae_align",)
+
+
+def alignment_options(args, method: str) -> Dict[str, Any]:
+    """The `build_alignment(method, ...)` options that the flags set (`ALIGNMENT_FLAG_OPTIONS`)."""
+    options = {option: getattr(args, flag) for flag, option in ALIGNMENT_FLAG_OPTIONS[method].items()
+               if getattr(args, flag) is not None}
+    if method in T_RANGE_METHODS:
+        options["t_range"] = None if args.no_t_range else tuple(args.t_range)
+    return options
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 2: the guide
+
+
+def add_guide_args(parser: argparse.ArgumentParser):
+    g = parser.add_argument_group("self-transcendence")
+    add_t_range_and_projector_args(g)
+    g.add_argument("--guiding_model_name_or_path", type=str, required=False, default=None,
+                   help="The stage-1 output folder, its transformer/ subfolder, or a Hub id.")
+    g.add_argument("--guiding_model_subfolder", type=str, default=None,
+                   help="Subfolder of the guiding model (default: transformer/ when the path is a pipeline).")
+    g.add_argument("--guiding_layer", type=int, default=None, help="Teacher block (default 2n/3).")
+    g.add_argument("--guided_layer", type=int, default=None, help="Student block (default n/2).")
+    g.add_argument("--guide_cfg_scale", type=float, default=None,
+                   help="w in f_u + w (f_c - f_u). Default 30 (SiT), 10 with LightningDiT options.")
+    g.add_argument("--guide_loss_weight", type=float, default=None, help="lambda of the guide loss (default 0.5).")
+    g.add_argument("--guide_stop_step", type=int, default=None,
+                   help="Optimizer step after which the guide loss and the teacher stop. Default: --guide_stop_epochs.")
+    g.add_argument("--guide_stop_epochs", type=float, default=None,
+                   help="Default 20 epochs for 12-block models, 10 for deeper ones (paper §4), converted to steps "
+                        "with the dataset size and the global batch.")
+    g.add_argument("--guiding_classes_correspond", action="store_true",
+                   help="Accept a guiding model whose id2label names other classes (same count): its class k is "
+                        "taken to be the data's class k.")
+    g.add_argument("--guiding_autocast", type=str, default="no", choices=["no", "bf16", "fp16"],
+                   help="Run the fp32 teacher under autocast (GPU: bf16 is ~4x faster). Keep its weights fp32: "
+                        "with bf16 weights, w=30 amplifies the rounding of f_c - f_u (benchmarks/gpu_check.py "
+                        "measures both against fp32).")
