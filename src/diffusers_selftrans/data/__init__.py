@@ -7,37 +7,10 @@
 * `stream.py`   `TrainDataStream`: per-process batches forever with an exact, resumable data position.
 """
 
-from .config import (
-    DEFAULT_DATASET_NAME,
-    DEFAULT_MAX_SKIP_FRACTION,
-    DEFAULT_RESOLUTION,
-    DEFAULT_SHUFFLE_BUFFER_SIZE,
-    MIN_SAMPLES_FOR_SKIP_CHECK,
-    DataConfig,
-    add_data_args,
-)
+from .config import MIN_SAMPLES_FOR_SKIP_CHECK, DataConfig, add_data_args
 from .images import CROP_RECIPE, adm_center_crop, image_to_tensor, open_image, preprocess_image, to_rgb
-from .latents import (
-    LATENT_FORMAT_VERSION,
-    LATENT_SHARD_GLOB,
-    LATENT_SHARD_RE,
-    LATENT_STATS_FILE,
-    SAME_ENCODER_VAES,
-    LatentSource,
-    check_latent_stats,
-    latent_shard_name,
-    list_latent_shards,
-    read_latent_shard_metadata,
-    save_latent_shard,
-)
-from .sources import (
-    IMAGE_COLUMN_CANDIDATES,
-    LABEL_COLUMN_CANDIDATES,
-    NO_LABEL_VALUES,
-    ImageSource,
-    LabelError,
-    _local_builder,  # used by examples/train_self_transcendence_t2i.py
-    parquet_num_rows,
-    streamed_num_examples,
-)
+from .latents import (LATENT_FORMAT_VERSION, LATENT_SHARD_RE, LATENT_STATS_FILE, LatentSource, check_latent_stats,
+                      latent_shard_name, list_latent_shards, read_latent_shard_metadata, save_latent_shard)
+from .sources import ImageSource, LabelError, parquet_num_rows, streamed_num_examples
+from .sources import _local_builder  # noqa: F401  (used by examples/train_self_transcendence_t2i.py)
 from .stream import SkipCounter, TrainDataStream, ordered_map

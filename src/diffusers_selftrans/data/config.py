@@ -1,7 +1,7 @@
 """The data settings: `DataConfig` (what the library takes) and `add_data_args` (the same settings as script flags).
 
-`ImageSource` and `TrainDataStream` take a `DataConfig`; scripts parse the flags of `add_data_args` and convert once with
-`DataConfig.from_namespace(args)`.
+`ImageSource` and `TrainDataStream` take a `DataConfig`; scripts parse the flags of `add_data_args` and convert
+once with `DataConfig.from_namespace(args)`.
 """
 
 import argparse
