@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from diffusers_selftrans import SiTTransformer2DModel, hub
 from diffusers_selftrans import training as T
 from diffusers_selftrans.alignment import ALIGNMENT_METHODS, accepted_options, build_alignment
-from diffusers_selftrans.data import TrainDataStream, add_data_args
+from diffusers_selftrans.data import DataConfig, TrainDataStream, add_data_args
 from diffusers_selftrans.transport import Transport
 
 logger = get_logger(__name__)
@@ -129,7 +129,7 @@ def train(args, build_method, *, card_template: str, base_model=None):
     # 2. VAE and data (exactly one sharding layer: the stream shards by process itself; it is not passed to `prepare`)
     set_seed(args.seed)
     vae = T.load_vae(args.vae_name_or_path, args.vae_subfolder).to(accelerator.device)
-    stream = TrainDataStream(args, per_device, process_index=accelerator.process_index,
+    stream = TrainDataStream(DataConfig.from_namespace(args), per_device, process_index=accelerator.process_index,
                              num_processes=accelerator.num_processes, seed=args.seed, vae_config=vae)
     dataset_size = stream.num_examples  # from the dataset's own metadata (split info or parquet footers)
     if args.max_train_steps is None:
