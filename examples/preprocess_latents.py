@@ -38,6 +38,7 @@ from diffusers_selftrans.data import (
     LATENT_FORMAT_VERSION,
     LATENT_SHARD_RE,
     LATENT_STATS_FILE,
+    DataConfig,
     ImageSource,
     SkipCounter,
     add_data_args,
@@ -173,7 +174,7 @@ def main(args: Optional[argparse.Namespace] = None) -> Dict:
     metadata = _shard_metadata(args, rank, world_size)
     first_shard = _completed_shards(args.output_dir, metadata, rank)
     with state.main_process_first():  # the Arrow cache of local data is built once
-        source = ImageSource(args)
+        source = ImageSource(DataConfig.from_namespace(args))
     vae = AutoencoderKL.from_pretrained(args.vae_name_or_path, subfolder=args.vae_subfolder)
     vae = vae.to(state.device, dtype=dtype).eval().requires_grad_(False)
     downsample = 2 ** (len(vae.config.block_out_channels) - 1)

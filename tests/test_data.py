@@ -1,6 +1,7 @@
 """Data module: decoding/cropping, the single `load_dataset` path on local data, sharding, skips and exact resume."""
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -11,6 +12,8 @@ import torch
 from PIL import Image
 
 from diffusers_selftrans.data import (
+    DataConfig,
+    ImageSource,
     TrainDataStream,
     add_data_args,
     adm_center_crop,
@@ -36,7 +39,7 @@ def _no_stream_shutdown_sleep(monkeypatch):
 def _args(*argv):
     parser = argparse.ArgumentParser()
     add_data_args(parser)
-    return parser.parse_args([str(a) for a in argv])
+    return DataConfig.from_namespace(parser.parse_args([str(a) for a in argv]))
 
 
 def _noise_image(seed, size=(20, 14), mode="RGB"):
@@ -317,3 +320,38 @@ def test_save_and_load_state_files(tmp_path, parquet_dir):
     assert other.state_dict() == stream.state_dict()
     with pytest.raises(ValueError, match="no data state for process 0"):
         _stream(tmp_path, parquet_dir, batch_size=2, process_index=0, num_processes=2).load_state(tmp_path / "ckpt")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Settings: DataConfig (the library's input) mirrors add_data_args (the scripts' flags)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_data_config_mirrors_the_flags():
+    parser = add_data_args(argparse.ArgumentParser())
+    assert {action.dest for action in parser._actions if action.dest != "help"} == {
+        field.name for field in dataclasses.fields(DataConfig)
+    }
+    assert DataConfig.from_namespace(parser.parse_args([])) == DataConfig()  # same defaults
+    args = parser.parse_args(["--train_data_dir", "d", "--resolution", "64", "--random_flip", "--no_streaming",
+                              "--max_skip_fraction", "0.5", "--dataloader_num_workers", "2"])
+    args.learning_rate = 1e-4  # a flag of the script, not of the data: ignored
+    assert DataConfig.from_namespace(args) == DataConfig(train_data_dir="d", resolution=64, random_flip=True,
+                                                         streaming=False, max_skip_fraction=0.5,
+                                                         dataloader_num_workers=2)
+    with pytest.raises(ValueError, match=r"lacks the data settings \[.*'resolution'.*add_data_args"):
+        DataConfig.from_namespace(argparse.Namespace(dataset_name=None))
+
+
+def test_library_takes_a_data_config_not_the_namespace(tmp_path, parquet_dir):
+    args = add_data_args(argparse.ArgumentParser()).parse_args(["--train_data_dir", str(parquet_dir)])
+    with pytest.raises(TypeError, match=r"DataConfig.from_namespace\(args\)"):
+        TrainDataStream(args, 2)
+    with pytest.raises(TypeError, match="Expected a DataConfig, got Namespace"):
+        ImageSource(args)
+    # A notebook builds the config directly and gets the batches of the equivalent flags.
+    config = DataConfig(train_data_dir=str(parquet_dir), resolution=RES, cache_dir=str(tmp_path / "cache"))
+    direct = _take(TrainDataStream(config, 3, seed=2), 2)
+    flags = _take(_stream(tmp_path, parquet_dir, batch_size=3, seed=2), 2)
+    for a, b in zip(direct, flags):
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["class_labels"], b["class_labels"])

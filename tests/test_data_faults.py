@@ -12,7 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_selftrans.data import MIN_SAMPLES_FOR_SKIP_CHECK, SkipCounter, TrainDataStream, add_data_args
+from diffusers_selftrans.data import (
+    MIN_SAMPLES_FOR_SKIP_CHECK,
+    DataConfig,
+    SkipCounter,
+    TrainDataStream,
+    add_data_args,
+)
 
 
 RES = 8
@@ -31,7 +37,7 @@ def _no_stream_shutdown_sleep(monkeypatch):
 def _args(*argv):
     parser = argparse.ArgumentParser()
     add_data_args(parser)
-    return parser.parse_args([str(a) for a in argv])
+    return DataConfig.from_namespace(parser.parse_args([str(a) for a in argv]))
 
 
 def _stream(tmp_path, data_dir, *extra, batch_size=2, **kwargs):

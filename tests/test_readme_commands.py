@@ -389,7 +389,7 @@ def test_streamed_webdataset_without_metadata_is_an_error_naming_the_flag(hub, t
 
 def test_streamed_parquet_without_card_counts_rows_in_the_footers(hub, tmp_path):
     """Local parquet shards (no card, no split sizes) streamed: num_examples is the footers' num_rows."""
-    from diffusers_selftrans.data import ImageSource, parquet_num_rows
+    from diffusers_selftrans.data import DataConfig, ImageSource, parquet_num_rows
 
     server, numbers = hub
     data = server.root / "datasets" / "ILSVRC" / "imagenet-1k" / "data"
@@ -400,7 +400,7 @@ def test_streamed_parquet_without_card_counts_rows_in_the_footers(hub, tmp_path)
     folder.mkdir()
     for f in shards:
         (folder / f.name).symlink_to(f)
-    args = argparse.Namespace(dataset_name=None, train_data_dir=str(folder), streaming=True, dataset_split="train",
-                              cache_dir=str(tmp_path / "cache"), resolution=RESOLUTION)
-    source = ImageSource(args)
+    config = DataConfig(train_data_dir=str(folder), streaming=True, cache_dir=str(tmp_path / "cache"),
+                        resolution=RESOLUTION)
+    source = ImageSource(config)
     assert source.streaming and source.num_examples == numbers["num_train"]

@@ -272,7 +272,7 @@ def test_model_card_templates_ship_inside_the_package():
     package_dir = Path(diffusers_selftrans.__file__).parent
     for name in ("stage1.md", "stage2.md"):
         assert hub.read_model_card_template(name) == (package_dir / "model_cards" / name).read_text(encoding="utf-8")
-    with pytest.raises(FileNotFoundError, match=r"stage3\.md.*available: \['stage1\.md', 'stage2\.md'\]"):
+    with pytest.raises(FileNotFoundError, match=r"stage3\.md.*available: \['stage1\.md', 'stage2\.md', 't2i\.md'\]"):
         hub.read_model_card_template("stage3.md")
 
 

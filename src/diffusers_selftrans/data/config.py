@@ -1,0 +1,151 @@
+"""The data settings: `DataConfig` (what the library takes) and `add_data_args` (the same settings as script flags).
+
+`ImageSource` and `TrainDataStream` take a `DataConfig`; scripts parse the flags of `add_data_args` and convert
+once with `DataConfig.from_namespace(args)`.
+"""
+
+import argparse
+import dataclasses
+from typing import Optional
+
+
+# Default Hub dataset: the official ImageNet-1k parquet repo (gated: accept the terms, then log in or set HF_TOKEN).
+DEFAULT_DATASET_NAME = "ILSVRC/imagenet-1k"
+# REPA / Self-Transcendence train at 256x256 (method notes §2.1).
+DEFAULT_RESOLUTION = 256
+# Streaming shuffle buffer. datasets' default is 1000; ImageNet parquet shards are large, so a bigger buffer mixes
+# classes better. It holds undecoded JPEG bytes (~110 KB each for ImageNet), i.e. about 1 GB per process.
+DEFAULT_SHUFFLE_BUFFER_SIZE = 10_000
+# Stop when more than 1% of the images cannot be decoded: ImageNet-1k has none, so this means broken data.
+DEFAULT_MAX_SKIP_FRACTION = 0.01
+# Streaming data of unknown size: the skip rate is only judged after this many images (or at the end of the first
+# epoch), so one bad file early on does not stop a run. Data of known size is judged from the first read instead.
+MIN_SAMPLES_FOR_SKIP_CHECK = 1000
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the training data comes from and how it is read; the fields are the flags of `add_data_args`, with the
+    same defaults (see their help for details). Build one directly in a notebook, or with `from_namespace` in a script.
+    """
+
+    dataset_name: Optional[str] = None  # Hub id or local path for `load_dataset` (default: DEFAULT_DATASET_NAME)
+    dataset_config_name: Optional[str] = None  # the dataset config (`name=`)
+    dataset_split: str = "train"  # split to read
+    train_data_dir: Optional[str] = None  # local imagefolder tree, parquet file(s) or webdataset .tar shards
+    image_column: Optional[str] = None  # image column (auto-detected when None)
+    label_column: Optional[str] = None  # label column (auto-detected when None; "none" = unconditional)
+    num_classes: Optional[int] = None  # class count for plain integer labels (required when streaming them)
+    cache_dir: Optional[str] = None  # `datasets` cache directory
+    hub_token: Optional[str] = None  # Hub token (default: HF_TOKEN / cached login)
+    latents_dir: Optional[str] = None  # output of examples/preprocess_latents.py; images are then not read at all
+    resolution: int = DEFAULT_RESOLUTION  # training image resolution
+    random_flip: bool = False  # random horizontal flips (off, as in REPA); latents must then hold flips
+    shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE  # shuffle buffer for streaming data (undecoded records)
+    max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # stop when more images than this cannot be decoded
+    streaming: Optional[bool] = None  # `load_dataset(streaming=...)`; None: stream Hub ids, not local data
+    dataloader_num_workers: int = 0  # decoding workers per process (0 = main process); the order does not change
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "DataConfig":
+        """The data settings of a namespace parsed with `add_data_args` (its other attributes are ignored)."""
+        names = [field.name for field in dataclasses.fields(cls)]
+        missing = [name for name in names if not hasattr(args, name)]
+        if missing:
+            raise ValueError(f"The namespace lacks the data settings {missing}: parse it with `add_data_args`.")
+        return cls(**{name: getattr(args, name) for name in names})
+
+
+def check_data_config(config) -> None:
+    """A clear error for the old calling convention (the scripts' namespace instead of a `DataConfig`)."""
+    if not isinstance(config, DataConfig):
+        raise TypeError(
+            f"Expected a DataConfig, got {type(config).__name__}; convert parsed flags with "
+            f"`DataConfig.from_namespace(args)`."
+        )
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the data flags shared by the training scripts and `preprocess_latents.py`."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help=f"Hub dataset id or local path for `datasets.load_dataset` (default when neither --train_data_dir nor "
+        f"--latents_dir is given: {DEFAULT_DATASET_NAME}, gated: log in or pass --hub_token).",
+    )
+    group.add_argument("--dataset_config_name", type=str, default=None, help="The dataset config (`name=`).")
+    group.add_argument("--dataset_split", type=str, default="train", help="Split to read.")
+    group.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Local data: an imagefolder tree (class sub-folders), parquet file(s) or webdataset .tar shards. "
+        "With --dataset_name it is passed as `data_dir=`.",
+    )
+    group.add_argument("--image_column", type=str, default=None, help="Image column (auto-detected if not given).")
+    group.add_argument(
+        "--label_column",
+        type=str,
+        default=None,
+        help="Label column (auto-detected if not given; 'none' = unconditional: one class, every label 0).",
+    )
+    group.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help="Number of classes when the label column is a plain integer (no ClassLabel), e.g. webdataset `cls` "
+        "(required when streaming; map-style default: the largest label + 1, with a warning naming how many classes "
+        "have no example). A label outside it is an error naming the row.",
+    )
+    group.add_argument("--cache_dir", type=str, default=None, help="`datasets` cache directory.")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN / cached login).")
+    group.add_argument(
+        "--latents_dir",
+        type=str,
+        default=None,
+        help="Directory written by examples/preprocess_latents.py; when given, images are not read at all.",
+    )
+    group.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="Training image resolution.")
+    group.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Random horizontal flips (off by default, as in REPA). With --latents_dir the shards must hold flips.",
+    )
+    group.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=DEFAULT_SHUFFLE_BUFFER_SIZE,
+        help="Shuffle buffer for streaming data (undecoded records).",
+    )
+    group.add_argument(
+        "--max_skip_fraction",
+        type=float,
+        default=DEFAULT_MAX_SKIP_FRACTION,
+        help="Stop when more than this fraction of images cannot be decoded. Judged from the first read when the "
+        "dataset size is known (map-style data: each process stops as soon as its skips exceed this fraction of the "
+        "images it reads per epoch, later as a fraction of all images read), so small data with broken files stops "
+        f"at once and one bad file in a huge dataset does not; streaming data of unknown size is judged after "
+        f"{MIN_SAMPLES_FOR_SKIP_CHECK} images and at the end of every epoch.",
+    )
+    group.add_argument(
+        "--streaming",
+        dest="streaming",
+        action="store_true",
+        default=None,
+        help="Stream with `load_dataset(..., streaming=True)` (default for Hub ids).",
+    )
+    group.add_argument(
+        "--no_streaming",
+        dest="streaming",
+        action="store_false",
+        help="Map-style Arrow-cached dataset (default for local data).",
+    )
+    group.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Decoding workers per process (0 = decode in the main process). The sample order does not depend on it.",
+    )
+    return parser
