@@ -41,13 +41,13 @@ from diffusers_selftrans.data import (
     DataConfig,
     ImageSource,
     SkipCounter,
-    add_data_args,
     latent_shard_name,
     list_latent_shards,
     ordered_map,
     read_latent_shard_metadata,
     save_latent_shard,
 )
+from diffusers_selftrans.cli import add_data_args
 
 
 logger = get_logger(__name__)

@@ -35,7 +35,7 @@ from diffusers_selftrans import checkpointing as C
 from diffusers_selftrans import training as T
 from diffusers_selftrans.alignment import build_alignment
 from diffusers_selftrans.cli import alignment_options  # noqa: F401  (flags -> method options; tests use it here)
-from diffusers_selftrans.data import DataConfig, TrainDataStream, add_data_args
+from diffusers_selftrans.data import DataConfig, TrainDataStream
 from diffusers_selftrans.transport import Transport
 
 logger = get_logger(__name__)
@@ -47,7 +47,7 @@ STAGE1_EPOCHS = 40
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0])
     cli.add_model_args(parser)
-    add_data_args(parser)
+    cli.add_data_args(parser)
     cli.add_training_args(parser)
     cli.add_alignment_args(parser)
     args = cli.parse_args_with_config(parser, input_args)

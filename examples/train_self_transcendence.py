@@ -32,7 +32,7 @@ from diffusers_selftrans import SiTTransformer2DModel, cli, hub
 from diffusers_selftrans import checkpointing as C
 from diffusers_selftrans import training as T
 from diffusers_selftrans.alignment import build_alignment
-from diffusers_selftrans.data import DataConfig, TrainDataStream, add_data_args
+from diffusers_selftrans.data import DataConfig, TrainDataStream
 from diffusers_selftrans.transport import Transport
 
 logger = get_logger(__name__)
@@ -48,7 +48,7 @@ AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0])
     cli.add_model_args(parser)
-    add_data_args(parser)
+    cli.add_data_args(parser)
     cli.add_training_args(parser)
     cli.add_guide_args(parser)
     args = cli.parse_args_with_config(parser, input_args)

@@ -15,12 +15,12 @@ from diffusers_selftrans.data import (
     DataConfig,
     ImageSource,
     TrainDataStream,
-    add_data_args,
     adm_center_crop,
     image_to_tensor,
     preprocess_image,
     to_rgb,
 )
+from diffusers_selftrans.cli import add_data_args
 
 
 RES = 8

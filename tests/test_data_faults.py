@@ -17,8 +17,8 @@ from diffusers_selftrans.data import (
     DataConfig,
     SkipCounter,
     TrainDataStream,
-    add_data_args,
 )
+from diffusers_selftrans.cli import add_data_args
 
 
 RES = 8

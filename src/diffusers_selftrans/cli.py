@@ -2,7 +2,7 @@
 """Every command-line flag of the SiT training scripts, in one place, with its default and where that comes from.
 
 `examples/train_align.py` (stage 1 and the baselines) and `examples/train_self_transcendence.py` (stage 2) build
-their parsers from these groups: model, data (`diffusers_selftrans.data.add_data_args`), training, alignment and, for
+their parsers from these groups: model, data (also `preprocess_latents.py`), training, alignment and, for
 stage 2, the guide. `--config file.yaml|json` takes the same keys as the flags. Only the scripts and this module
 know the argparse namespace: the library takes explicit parameters, and `alignment_options` / `guide_options` turn
 flags into the options of `diffusers_selftrans.alignment.build_alignment`.
@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .alignment import ALIGNMENT_METHODS
+from .data.config import (
+    DEFAULT_DATASET_NAME,
+    DEFAULT_MAX_SKIP_FRACTION,
+    DEFAULT_RESOLUTION,
+    DEFAULT_SHUFFLE_BUFFER_SIZE,
+    MIN_SAMPLES_FOR_SKIP_CHECK,
+)
 from .training import LOSS_EXPLOSION_FACTOR
 
 # REPA/ST recipe (method-notes §2): AdamW lr 1e-4 constant, betas (0.9, 0.999), wd 0, eps 1e-8, grad clip 1.0,
@@ -160,6 +167,96 @@ def save_args(args, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     values = run_arguments(args)
     path.write_text(json.dumps(values, indent=2, sort_keys=True, default=str))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data (the fields of `data.DataConfig`; `DataConfig.from_namespace(args)` turns them into the library's input)
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the data flags shared by the training scripts and `preprocess_latents.py`."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help=f"Hub dataset id or local path for `datasets.load_dataset` (default when neither --train_data_dir nor "
+        f"--latents_dir is given: {DEFAULT_DATASET_NAME}, gated: log in or pass --hub_token).",
+    )
+    group.add_argument("--dataset_config_name", type=str, default=None, help="The dataset config (`name=`).")
+    group.add_argument("--dataset_split", type=str, default="train", help="Split to read.")
+    group.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Local data: an imagefolder tree (class sub-folders), parquet file(s) or webdataset .tar shards. "
+        "With --dataset_name it is passed as `data_dir=`.",
+    )
+    group.add_argument("--image_column", type=str, default=None, help="Image column (auto-detected if not given).")
+    group.add_argument(
+        "--label_column",
+        type=str,
+        default=None,
+        help="Label column (auto-detected if not given; 'none' = unconditional: one class, every label 0).",
+    )
+    group.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help="Number of classes when the label column is a plain integer (no ClassLabel), e.g. webdataset `cls` "
+        "(required when streaming; map-style default: the largest label + 1, with a warning naming how many classes "
+        "have no example). A label outside it is an error naming the row.",
+    )
+    group.add_argument("--cache_dir", type=str, default=None, help="`datasets` cache directory.")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN / cached login).")
+    group.add_argument(
+        "--latents_dir",
+        type=str,
+        default=None,
+        help="Directory written by examples/preprocess_latents.py; when given, images are not read at all.",
+    )
+    group.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="Training image resolution.")
+    group.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Random horizontal flips (off by default, as in REPA). With --latents_dir the shards must hold flips.",
+    )
+    group.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=DEFAULT_SHUFFLE_BUFFER_SIZE,
+        help="Shuffle buffer for streaming data (undecoded records).",
+    )
+    group.add_argument(
+        "--max_skip_fraction",
+        type=float,
+        default=DEFAULT_MAX_SKIP_FRACTION,
+        help="Stop when more than this fraction of images cannot be decoded. Judged from the first read when the "
+        "dataset size is known (map-style data: each process stops as soon as its skips exceed this fraction of the "
+        "images it reads per epoch, later as a fraction of all images read), so small data with broken files stops "
+        f"at once and one bad file in a huge dataset does not; streaming data of unknown size is judged after "
+        f"{MIN_SAMPLES_FOR_SKIP_CHECK} images and at the end of every epoch.",
+    )
+    group.add_argument(
+        "--streaming",
+        dest="streaming",
+        action="store_true",
+        default=None,
+        help="Stream with `load_dataset(..., streaming=True)` (default for Hub ids).",
+    )
+    group.add_argument(
+        "--no_streaming",
+        dest="streaming",
+        action="store_false",
+        help="Map-style Arrow-cached dataset (default for local data).",
+    )
+    group.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Decoding workers per process (0 = decode in the main process). The sample order does not depend on it.",
+    )
+    return parser
 
 
 # ----------------------------------------------------------------------------------------------------------------------
