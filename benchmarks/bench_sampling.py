@@ -71,8 +71,8 @@ def parse_args(input_args=None):
     parser.add_argument("--repeats", type=int, default=2, help="Timed calls per row (after one warm-up call).")
     parser.add_argument("--num_classes", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samplers", nargs="+", choices=[name for name, _, _ in SAMPLERS], default=None,
-                        help="Time only these samplers (default: all).")
+    parser.add_argument("--samplers", nargs="*", choices=[name for name, _, _ in SAMPLERS], default=None,
+                        help="Time only these samplers (default: all; none, with --compare_repa: only the comparison).")
     parser.add_argument("--only_guided", action="store_true",
                         help="Skip the unguided (guidance_scale 1.0) row of each sampler.")
     parser.add_argument("--output_json", default=None, help="Also write the command, device and rows here.")
@@ -82,6 +82,8 @@ def parse_args(input_args=None):
     args = parser.parse_args(input_args)
     if args.resolution % VAE_DOWNSAMPLING:
         parser.error(f"--resolution must be divisible by {VAE_DOWNSAMPLING}.")
+    if args.samplers == [] and not args.compare_repa:
+        parser.error("--samplers without a sampler times nothing (only --compare_repa, if given).")
     if args.steps_scale <= 0 or args.repeats < 1 or args.batch < 1:
         parser.error("--steps_scale must be > 0, --repeats and --batch >= 1.")
     return args
@@ -224,9 +226,10 @@ def main(args) -> list:
     def decode():
         return vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample
 
-    seconds = _seconds(decode, args.device, args.repeats)
-    results.append(dict(sampler="vae_decode", seconds_per_batch=seconds, ms_per_image=1000 * seconds / args.batch))
-    print(f"{'decode':<8}{'':>6}{'':>6}{'':>6}{seconds:>10.3f}{1000 * seconds / args.batch:>10.1f}")
+    if latents is not None:  # a sampler row ran
+        seconds = _seconds(decode, args.device, args.repeats)
+        results.append(dict(sampler="vae_decode", seconds_per_batch=seconds, ms_per_image=1000 * seconds / args.batch))
+        print(f"{'decode':<8}{'':>6}{'':>6}{'':>6}{seconds:>10.3f}{1000 * seconds / args.batch:>10.1f}")
     if args.output_json:
         info = dict(command=command, device=str(args.device), device_name=device_name, torch=torch.__version__,
                     preset=args.preset, params_millions=params, resolution=args.resolution, batch=args.batch,

@@ -132,3 +132,37 @@ def test_compare_repa_refuses_different_work(bench, monkeypatch):
 
 def test_timing_module_is_importable_when_a_script_is_loaded_by_path(bench):
     assert "timing" in sys.modules and Path(sys.modules["timing"].__file__) == BENCHMARKS / "timing.py"
+
+
+# --- SiTPipeline's loop: no per-step rebuilding of loop invariants --------------------------------------------------
+def test_pipeline_builds_loop_invariants_once(monkeypatch):
+    """The [y, null] labels and the transformer dtype (a parameter walk) are built once per call, not per step."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusers_selftrans import SiTPipeline, SiTTransformer2DModel
+
+    lookups = []
+
+    class CountingSiT(SiTTransformer2DModel):
+        @property
+        def dtype(self):
+            lookups.append(1)
+            return super().dtype
+
+    model = CountingSiT.from_preset("SiT-S/8", sample_size=8, num_classes=10).eval()
+    pipe = SiTPipeline(model, None, FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    label_cats = []
+    real_cat = torch.cat
+
+    def counting_cat(tensors, *args, **kwargs):
+        if not tensors[0].is_floating_point():
+            label_cats.append(1)
+        return real_cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", counting_cat)
+    steps = 6  # t = 1, 5/6, ..., 1/6: guided at 1/2, 1/3, 1/6
+    pipe(class_labels=[1, 2], guidance_scale=2.0, guidance_interval=(0.0, 0.5), num_inference_steps=steps,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert len(label_cats) == 1
+    assert len(lookups) == 1
