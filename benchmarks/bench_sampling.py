@@ -11,6 +11,10 @@ on the weights. Sampling (`output_type="latent"`) and VAE decoding are timed sep
     # only the FID setting (SDE-250, CFG 1.9 on t in [0, 0.65]), as benchmarks/gpu_check.py runs it:
     python benchmarks/bench_sampling.py --preset SiT-XL/2 --batch 64 --dtype bf16 --samplers sde --only_guided \
         --guidance_scale 1.9 --guidance_high 0.65 --output_json sampling.json
+    # only SiTPipeline vs a REPA-style Euler loop (same weights, noise, 10 steps, CFG 1.8 on t in [0, 0.7]), without
+    # and with CFG, interleaved: `ratio_vs_repa` (benchmarks/results/sampling/bench_sampling_cpu.json)
+    python benchmarks/bench_sampling.py --preset SiT-B/2 --resolution 32 --batch 8 --device cpu --samplers \
+        --steps_scale 0.2 --guidance_high 0.7 --compare_repa --repeats 3 --output_json bench_sampling_cpu.json
 """
 
 import argparse

@@ -98,9 +98,11 @@ def test_compare_repa_rows_and_ratios(compare_run):
     assert json.loads(json.dumps(rows)) == data["rows"]
 
 
-def test_without_the_flag_no_comparison(bench, tmp_path):
-    args = bench.parse_args(TINY + ["--output_json", str(tmp_path / "s.json")])
-    assert args.compare_repa is False
+def test_flags(bench, tmp_path):
+    assert bench.parse_args(TINY).compare_repa is False
+    assert bench.parse_args(TINY + ["--samplers", "--compare_repa"]).samplers == []
+    with pytest.raises(SystemExit):  # no sampler and no comparison: nothing to time
+        bench.parse_args(TINY + ["--samplers"])
 
 
 def test_repa_loop_matches_the_pipeline_only_when_it_should(bench):
@@ -127,7 +129,7 @@ def test_repa_loop_matches_the_pipeline_only_when_it_should(bench):
 def test_compare_repa_refuses_different_work(bench, monkeypatch):
     monkeypatch.setattr(bench, "repa_euler_sampler", lambda model, latents, *a, **k: latents.double() + 1.0)
     with pytest.raises(AssertionError, match="different work"):
-        bench.main(bench.parse_args(TINY + ["--compare_repa", "--repeats", "1"]))
+        bench.main(bench.parse_args(TINY + ["--compare_repa", "--repeats", "1", "--samplers"]))  # no sampler rows
 
 
 def test_timing_module_is_importable_when_a_script_is_loaded_by_path(bench):
