@@ -20,14 +20,16 @@ import math
 import platform
 import resource
 import shlex
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from diffusers_selftrans import SiTTransformer2DModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py, also when loaded by path (tests)
+from timing import summarize, timed  # noqa: E402
 
 # REPA/Self-Transcendence optimiser (REPA `train.py`: AdamW, lr 1e-4, betas (0.9, 0.999), weight decay 0).
 LEARNING_RATE = 1e-4
@@ -55,23 +57,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, warmup, repeats):
+def median_min_max(fn, device, warmup, repeats):
     """Median, min and max wall time in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), min(times), max(times)
+    summary = summarize(timed(fn, device, warmup, repeats))
+    return summary["median_ms"], summary["min_ms"], summary["max_ms"]
 
 
 def main(argv=None):
@@ -126,16 +115,17 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    results.append(("train_step", timed(train_step, device, args.warmup, args.repeats)))
+    results.append(("train_step", median_min_max(train_step, device, args.warmup, args.repeats)))
     if device.type == "cuda":
         peak = ("peak_memory_train_step_cuda_max_allocated", torch.cuda.max_memory_allocated(device) / 2**20, "MiB")
     else:
         growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
         peak = ("peak_memory_train_step_cpu_maxrss_growth", growth / 1024, "MiB")
     model.eval()
-    results.append(("forward", timed(forward, device, args.warmup, args.repeats)))
+    results.append(("forward", median_min_max(forward, device, args.warmup, args.repeats)))
     for k in stop_layers:
-        results.append((f"stop_at_layer_{k}_of_{depth}", timed(early_exit(k), device, args.warmup, args.repeats)))
+        results.append((f"stop_at_layer_{k}_of_{depth}",
+                        median_min_max(early_exit(k), device, args.warmup, args.repeats)))
 
     params = sum(p.numel() for p in model.parameters())
     print("# command: python " + " ".join(shlex.quote(a) for a in ([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))))

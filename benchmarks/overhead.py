@@ -34,7 +34,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from typing import Any, Callable, Dict, List
 
 import torch
@@ -53,6 +52,9 @@ from diffusers_selftrans.models.projector import DEFAULT_PROJECTOR_DIM
 from diffusers_selftrans.models.transformer_sit import TIMESTEP_FREQUENCY_DIM, parse_preset
 from diffusers_selftrans.cli import DEFAULT_LEARNING_RATE, DEFAULT_MAX_GRAD_NORM
 from diffusers_selftrans.transport import Transport
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/timing.py, also when loaded by path (tests)
+from timing import interleaved_timing, summarize  # noqa: E402
 
 DEFAULT_PRESET = "SiT-B/2"
 # SD-VAE latents of 256 px ImageNet images (the paper's setting).
@@ -284,31 +286,6 @@ def resolve_setup(args) -> Dict[str, Any]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but CUDA is not available.")
     return setup
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved_timing(fns: Dict[str, Callable[[], None]], device, warmup: int, repeats: int) -> Dict[str, List[float]]:
-    """Wall times (ms) of each fn, run round-robin (order rotated every round so no fn always follows the same one)."""
-    names = list(fns)
-    times = {name: [] for name in names}
-    for round_index in range(warmup + repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            synchronize(device)
-            start = time.perf_counter()
-            fns[name]()
-            synchronize(device)
-            if round_index >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def summarize(times: List[float]) -> Dict[str, Any]:
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "times_ms": times}
 
 
 def randomize_(model: nn.Module, generator: torch.Generator) -> nn.Module:

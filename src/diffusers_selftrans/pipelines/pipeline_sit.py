@@ -347,6 +347,11 @@ class SiTPipeline(DiffusionPipeline):
         num_train = self.scheduler.config.num_train_timesteps
         low, high = guidance_interval
         step_times = scheduler_to_model_time(timesteps.cpu(), num_train).tolist()  # host copy: no sync per step
+        # Loop invariants, built once: every step's model time (float32, on the device), the [y, null] labels of a
+        # guided step, and the transformer dtype (a walk over its parameters).
+        model_times = scheduler_to_model_time(timesteps, num_train).to(device=device, dtype=torch.float32)
+        guided_labels = torch.cat([class_ids, null_ids]) if do_cfg else None
+        model_dtype = self.transformer.dtype
 
         # 4. Denoising loop (in eval mode: train-mode label dropout would silently replace labels by the null class)
         interval_t = None
@@ -354,18 +359,16 @@ class SiTPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                t_model = scheduler_to_model_time(t, num_train)
                 # REPA tests the guidance interval at the start of the interval, also for Heun's corrector
                 # evaluation (made at the interval's end): a second-order scheduler in its second stage reuses it.
                 if getattr(self.scheduler, "state_in_first_order", True) or interval_t is None:
                     interval_t = step_times[i]
                 guided = do_cfg and low - GUIDANCE_INTERVAL_ATOL <= interval_t <= high + GUIDANCE_INTERVAL_ATOL
                 model_input = torch.cat([latents, latents]) if guided else latents
-                model_labels = torch.cat([class_ids, null_ids]) if guided else class_ids
                 velocity = self.transformer(
-                    hidden_states=model_input.to(self.transformer.dtype),
-                    timestep=t_model.to(device=device, dtype=torch.float32).expand(model_input.shape[0]),
-                    class_labels=model_labels,
+                    hidden_states=model_input.to(model_dtype),
+                    timestep=model_times[i].expand(model_input.shape[0]),
+                    class_labels=guided_labels if guided else class_ids,
                     return_dict=False,
                 )[0].float()
                 if guided:
