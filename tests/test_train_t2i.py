@@ -300,6 +300,24 @@ def test_fsdp_two_processes_stage2_exports_full_ema_and_resumes_exactly(assets, 
         assert torch.equal(exported[name], torch.cat([a, b])), name
     pipe, images = sample("sd3", straight)
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    # the same run under DDP (same data and random draws per process): the same losses and EMA up to float rounding.
+    # DDP without a mid-run checkpoint: its EMA save hook builds a model (`from_config`), which draws from the global
+    # RNG on the main process and so changes the next steps' noise; FSDP's checkpoints draw nothing.
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29575",
+           str(ROOT / "examples" / "train_self_transcendence_t2i.py"),
+           *flags(assets, "sd3", ddp, **dict(common, checkpointing_steps=100))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step, row in read_losses(ddp).items():
+        assert losses[step]["loss"] == pytest.approx(row["loss"], rel=1e-5), step
+    reference = weights(ddp / "transformer")
+    assert exported.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(exported[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
     assert images.shape == (2, RESOLUTION, RESOLUTION, 3) and np.isfinite(images).all()
 
     # exact resume under FSDP: a copy of the run stopped at checkpoint-1, resumed to step 2
