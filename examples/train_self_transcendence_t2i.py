@@ -26,6 +26,11 @@ The pipeline named by `--pretrained_model_name_or_path` provides the VAE, the fr
 embeddings are the pipeline's own `encode_prompt` (what its `__call__` uses at inference). Time follows our
 convention (x_t = (1 - t) x0 + t eps, data at t = 0, `Transport`), converted to each model's `timestep` with
 `model_timestep`. `--output_dir` ends as the matching diffusers pipeline folder with the EMA transformer.
+
+FSDP (models that do not fit one GPU): an accelerate config with `distributed_type: FSDP` and `fsdp_version: 2`. The
+transformer and the alignment heads are sharded as one module (`TrainableModules`), the frozen stage-2 teacher stays
+whole on every process, each process keeps the EMA of its own shards (`ShardedEMAState`, saved per process in each
+checkpoint; model and optimizer go through accelerate's FSDP `save_state`), and the export gathers the full EMA.
 """
 
 import argparse
