@@ -26,6 +26,11 @@ The pipeline named by `--pretrained_model_name_or_path` provides the VAE, the fr
 embeddings are the pipeline's own `encode_prompt` (what its `__call__` uses at inference). Time follows our
 convention (x_t = (1 - t) x0 + t eps, data at t = 0, `Transport`), converted to each model's `timestep` with
 `model_timestep`. `--output_dir` ends as the matching diffusers pipeline folder with the EMA transformer.
+
+FSDP (models that do not fit one GPU): an accelerate config with `distributed_type: FSDP` and `fsdp_version: 2`. The
+transformer and the alignment heads are sharded as one module (`TrainableModules`), the frozen stage-2 teacher stays
+whole on every process, each process keeps the EMA of its own shards (`ShardedEMAState`, saved per process in each
+checkpoint; model and optimizer go through accelerate's FSDP `save_state`), and the export gathers the full EMA.
 """
 
 import argparse
@@ -453,11 +458,13 @@ def main(args=None):
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        # EMAModel keeps full-size shadow weights of the parameters it was built on, and the checkpoint hooks call
-        # save_pretrained on the unwrapped model: with sharded parameters both would be wrong, not just slow.
-        raise NotImplementedError("FSDP is not supported by this script yet (EMA and checkpoint hooks assume "
-                                  "unsharded parameters); use DDP (`accelerate launch --multi_gpu`).")
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and not accelerator.is_fsdp2:
+        # FSDP1 flattens the parameters into FlatParameters: the shard-local EMA below needs FSDP2's DTensors.
+        raise NotImplementedError("This script supports FSDP through FSDP2 only: set `fsdp_version: 2` in the "
+                                  "accelerate config (or `accelerate launch --use_fsdp --fsdp_version 2`).")
+    if fsdp and args.torch_compile:
+        raise NotImplementedError("--torch_compile is not supported under FSDP here; drop it or use DDP.")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
@@ -512,8 +519,9 @@ def main(args=None):
     feats = BlockFeatures(model)  # hooks registered before any torch.compile
     method = alignment_for_stage(args, model, family, null, accelerator.device)
     heads = method.trainable_modules()
-    ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,
-                   model_cls=transformer_cls, model_config=model.config)
+    if not fsdp:  # under FSDP the EMA is built on the sharded parameters, after `prepare`
+        ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,
+                       model_cls=transformer_cls, model_config=model.config)
     params = list(model.parameters()) + [p for h in heads for p in h.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -523,13 +531,27 @@ def main(args=None):
     if args.torch_compile:
         model = torch.compile(model)
         feats.model = model
-    model, optimizer, lr_scheduler, *heads = accelerator.prepare(model, optimizer, lr_scheduler, *heads)
-    feats.model = model  # the prepared (DDP) module runs the forward; the hooks sit on the inner blocks
-    core = T.unwrap(accelerator, model)  # the transformer itself: its family, config and parameters
+    shard_states = []  # per-process checkpoint state (FSDP: each process's EMA shards)
+    if fsdp:
+        # accelerate's FSDP2 prepares one model: the transformer and the alignment heads as one module. The frozen
+        # teacher (stage 2) stays outside, unsharded on every process: it has no gradients nor optimizer state.
+        model, optimizer, lr_scheduler = accelerator.prepare(TrainableModules(model, heads), optimizer,
+                                                             lr_scheduler)
+        core, heads = model.transformer, list(model.heads)
+        params = list(model.parameters())  # the sharded DTensors (what `clip_grad_norm_` matches to the model)
+        ema = EMAModel(core.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True)
+        shard_states.append(ShardedEMAState(ema, accelerator.process_index))
+        sync_modules = (model,)
+    else:
+        model, optimizer, lr_scheduler, *heads = accelerator.prepare(model, optimizer, lr_scheduler, *heads)
+        core = T.unwrap(accelerator, model)  # the transformer itself: its family, config and parameters
+        sync_modules = (model, *heads)
+    feats.model = model  # the prepared (DDP / FSDP) module runs the forward; the hooks sit on the inner blocks
     method.set_trainable_modules(heads)
-    method.to(accelerator.device)
-    ema.to(accelerator.device)
-    C.register_checkpoint_hooks(accelerator, ema, transformer_cls=transformer_cls)
+    if not fsdp:  # FSDP's `prepare` placed the sharded heads and EMA; `.to` cannot swap DTensor parameters
+        method.to(accelerator.device)
+        ema.to(accelerator.device)
+        C.register_checkpoint_hooks(accelerator, ema, transformer_cls=transformer_cls)
     transport = Transport(time_sampling=args.time_sampling)
     if accelerator.is_main_process:
         cli.save_args(args, output_dir / "args.json")
@@ -544,7 +566,8 @@ def main(args=None):
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
         global_step, args.resume_history = C.resume_training(accelerator, resume, run_args=vars(args),
-                                                             optimizer=optimizer, ema=ema, stream=stream, guard=guard)
+                                                             optimizer=optimizer, ema=ema, stream=stream, guard=guard,
+                                                             process_states=shard_states)
         # a changed --learning_rate is the new peak of the warm-up schedule (LambdaLR: lr = base_lr * factor(step))
         schedule = lr_scheduler.scheduler
         schedule.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
@@ -570,7 +593,7 @@ def main(args=None):
     # 5.6 Loop
     while global_step < args.max_train_steps:
         step_start = time.perf_counter()
-        with accelerator.accumulate(model, *heads):
+        with accelerator.accumulate(*sync_modules):
             batch = next(batches)
             x0 = pack(family, encoder(batch, accelerator.device))  # scaled latents, fresh posterior sample
             cond = {k: v.float() for k, v in embed(batch["captions"]).items()}  # the caption's (never dropped)
@@ -620,20 +643,20 @@ def main(args=None):
             loss_log.flush()
         if global_step % args.checkpointing_steps == 0:
             C.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, stream=stream,
-                              run_args=vars(args), guard=guard)
+                              run_args=vars(args), guard=guard, process_states=shard_states)
         if global_step % args.validation_steps == 0:
-            save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema, global_step)
+            save_preview(args, accelerator, pipeline_cls, family, text_pipe, core, full_ema(ema), global_step)
     progress.close()
 
     # 5.7 The matching diffusers pipeline with the EMA transformer, a preview, the model card, the Hub
     accelerator.wait_for_everyone()
+    export_ema = full_ema(ema)  # FSDP: every process takes part in gathering the shards
     if accelerator.is_main_process:
         loss_log.close()
-        trained = T.unwrap(accelerator, model)
-        final = transformer_cls.from_config(trained.config)
-        ema.copy_to(final.parameters())
+        final = transformer_cls.from_config(core.config)
+        export_ema.copy_to(final.parameters())
         final_pipeline(args, pipeline_cls, family, final.eval()).save_pretrained(output_dir)
-        grid = save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema, global_step)
+        grid = save_preview(args, accelerator, pipeline_cls, family, text_pipe, core, export_ema, global_step)
         if grid is not None:
             os.replace(grid, output_dir / "samples.png")
         hparams = {k: v for k, v in vars(args).items() if "--" + k not in cli.SECRET_FLAGS and k != "launch_command"}
@@ -654,6 +677,77 @@ def main(args=None):
             logger.info(f"Pushed to https://huggingface.co/{repo_id}", main_process_only=True)
     accelerator.end_training()
     return output_dir
+
+
+class TrainableModules(torch.nn.Module):
+    """The transformer and the alignment heads as one module, for FSDP2 (accelerate prepares one model with it).
+    `forward` is the transformer's; the heads are called by the alignment method on the block features."""
+
+    def __init__(self, transformer: torch.nn.Module, heads):
+        super().__init__()
+        self.transformer = transformer
+        self.heads = torch.nn.ModuleList(heads)
+        # accelerate's TRANSFORMER_BASED_WRAP without a class list wraps the blocks the transformer declares
+        self._no_split_modules = getattr(transformer, "_no_split_modules", None)
+
+    def forward(self, *args, **kwargs):
+        return self.transformer(*args, **kwargs)
+
+
+class ShardedEMAState:
+    """Checkpoint state of an EMA kept on FSDP2-sharded parameters: each process saves and loads its own shards
+    (`transformer_ema_shards_rank{R}.pt`) and the EMA counters, so a resume is exact. `full_ema` gathers the shards
+    for export."""
+
+    def __init__(self, ema: EMAModel, process_index: int):
+        self.ema, self.rank = ema, process_index
+
+    def state_file(self, folder) -> Path:
+        return Path(folder) / f"transformer_ema_shards_rank{self.rank}.pt"
+
+    def save_state(self, folder) -> None:
+        state = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+        state["shadow_params"] = [_local(p).detach().cpu().clone() for p in self.ema.shadow_params]
+        torch.save(state, self.state_file(folder))
+
+    def load_state(self, folder) -> None:
+        path = self.state_file(folder)
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: the checkpoint was not written by an FSDP run with this many "
+                             f"processes.")
+        state = torch.load(path, weights_only=True)
+        saved = state.pop("shadow_params")
+        if len(saved) != len(self.ema.shadow_params) or any(
+                s.shape != _local(p).shape for s, p in zip(saved, self.ema.shadow_params)):
+            raise ValueError(f"{path} holds EMA shards of other shapes than this run's (a different model or "
+                             f"number of processes).")
+        for s, p in zip(saved, self.ema.shadow_params):
+            _local(p).copy_(s)
+        for key, value in state.items():
+            setattr(self.ema, key, value)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (the tensor itself otherwise)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class GatheredEMA:
+    """The full EMA weights gathered from FSDP2 shards (on CPU), with EMAModel's `copy_to`."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def copy_to(self, parameters) -> None:
+        for tensor, param in zip(self.tensors, parameters):
+            param.data.copy_(tensor.to(param.device, param.dtype))
+
+
+def full_ema(ema: EMAModel):
+    """`ema` itself when unsharded; under FSDP2 its full weights, gathered (a collective: call on every process)."""
+    if not any(hasattr(p, "full_tensor") for p in ema.shadow_params):
+        return ema
+    return GatheredEMA([p.full_tensor().cpu() if hasattr(p, "full_tensor") else p.cpu() for p in ema.shadow_params])
 
 
 def encoder_shape(batch, vae):

@@ -240,3 +240,100 @@ def test_two_processes_stage2(assets, stage1, tmp_path):
     losses = read_losses(tmp_path / "ddp")
     assert losses[1]["loss_guide"] > 0 and "loss_guide" not in losses[2]
     assert (tmp_path / "ddp" / "model_index.json").exists()
+
+
+# The accelerate config of the README's FSDP recipe (FSDP2, blocks wrapped by the transformer's `_no_split_modules`,
+# sharded checkpoints), for 2 CPU processes.
+FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_reshard_after_forward: true
+  fsdp_offload_params: false
+  fsdp_cpu_ram_efficient_loading: false
+mixed_precision: 'no'
+dynamo_config: {}
+num_machines: 1
+num_processes: 2
+main_process_port: %d
+use_cpu: false
+"""
+
+
+def launch_fsdp(tmp_path, argv, port):
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG % port)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           str(ROOT / "tests" / "fsdp_on_cpu.py"), str(ROOT / "examples" / "train_self_transcendence_t2i.py"), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_fsdp_two_processes_stage2_exports_full_ema_and_resumes_exactly(assets, stage1, tmp_path):
+    """FSDP2 on 2 CPU processes, stage 2 past the guide stop: sharded checkpoints (model, optimizer through accelerate;
+    each process's EMA shards), the exported transformer is the full gathered EMA and loads in
+    StableDiffusion3Pipeline; stopped after step 1 and resumed, the run repeats the straight run exactly."""
+    common = dict(guiding_model_name_or_path=stage1["sd3"], guide_stop_step=1, max_train_steps=2, train_batch_size=1,
+                  checkpointing_steps=1)
+    straight = tmp_path / "fsdp"
+    launch_fsdp(tmp_path, flags(assets, "sd3", straight, **common), 29573)
+    ckpt = straight / "checkpoint-2"
+    assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "optimizer_0").is_dir()  # accelerate's DCP shards
+    assert not (ckpt / "transformer").exists()  # no unsharded copy on one process
+    shards = [torch.load(ckpt / f"transformer_ema_shards_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert shards[0]["optimization_step"] == 2
+    losses = read_losses(straight)
+    assert losses[1]["loss_guide"] > 0 and "loss_guide" not in losses[2]
+    # the export is the EMA, whole: each parameter is its two processes' shards joined along dim 0 (FSDP2's Shard(0))
+    exported = weights(straight / "transformer")
+    import diffusers
+
+    names = [n for n, _ in diffusers.SD3Transformer2DModel.from_pretrained(straight / "transformer").named_parameters()]
+    assert len(names) == len(shards[0]["shadow_params"])
+    for name, a, b in zip(names, shards[0]["shadow_params"], shards[1]["shadow_params"]):
+        assert torch.equal(exported[name], torch.cat([a, b])), name
+    pipe, images = sample("sd3", straight)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    # the same run under DDP (same data and random draws per process): the same losses and EMA up to float rounding.
+    # DDP without a mid-run checkpoint: its EMA save hook builds a model (`from_config`), which draws from the global
+    # RNG on the main process and so changes the next steps' noise; FSDP's checkpoints draw nothing.
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29575",
+           str(ROOT / "examples" / "train_self_transcendence_t2i.py"),
+           *flags(assets, "sd3", ddp, **dict(common, checkpointing_steps=100))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step, row in read_losses(ddp).items():
+        assert losses[step]["loss"] == pytest.approx(row["loss"], rel=1e-5), step
+    reference = weights(ddp / "transformer")
+    assert exported.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(exported[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert images.shape == (2, RESOLUTION, RESOLUTION, 3) and np.isfinite(images).all()
+
+    # exact resume under FSDP: a copy of the run stopped at checkpoint-1, resumed to step 2
+    resumed = tmp_path / "fsdp_resumed"
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(straight / "checkpoint-1", resumed / "checkpoint-1")
+    rows = (straight / "loss_log.jsonl").read_text().splitlines()[:1]
+    (resumed / "loss_log.jsonl").write_text("\n".join(rows) + "\n")
+    launch_fsdp(tmp_path, flags(assets, "sd3", resumed, resume_from_checkpoint="latest", **common), 29574)
+    again = read_losses(resumed)
+    for key in ("loss", "loss_diff", "lr"):
+        assert again[2][key] == losses[2][key], key
+    assert_same_weights(resumed / "transformer", straight / "transformer")
+    for r in (0, 1):
+        a = torch.load(resumed / "checkpoint-2" / f"transformer_ema_shards_rank{r}.pt", weights_only=True)
+        b = torch.load(ckpt / f"transformer_ema_shards_rank{r}.pt", weights_only=True)
+        assert all(torch.equal(x, y) for x, y in zip(a["shadow_params"], b["shadow_params"]))

@@ -263,17 +263,22 @@ def record_resume(checkpoint: Path, step: int, changed: Dict[str, list]) -> List
 
 
 def resume_training(accelerator, checkpoint: Path, *, run_args: Dict[str, Any], optimizer, ema, stream=None,
-                    guard=None) -> Tuple[int, List[dict]]:
+                    guard=None, process_states=()) -> Tuple[int, List[dict]]:
     """Continue a run from `checkpoint`; returns `(global step, resume history)`.
 
     Flags that differ from the checkpoint's and cannot take effect are refused before anything loads; then the
     accelerate state (models, optimizer, EMA, RNG), each process's data position and the guard's state are loaded,
     and the current optimizer / EMA hyperparameters (`run_args`) replace the saved ones.
+
+    `process_states`: more objects with `save_state(folder)` / `load_state(folder)` that every process loads (e.g.
+    the T2I script's FSDP EMA shards), after the accelerate state and before the EMA hyperparameters are applied.
     """
     changed = compare_resume_args(run_args, checkpoint)
     accelerator.load_state(str(checkpoint))
     if stream is not None:
         stream.load_state(str(checkpoint))
+    for state in process_states:
+        state.load_state(str(checkpoint))
     for group in optimizer.param_groups:  # the current flags, not the saved state, set the hyperparameters
         group.update(lr=run_args["learning_rate"], betas=(run_args["adam_beta1"], run_args["adam_beta2"]),
                      weight_decay=run_args["adam_weight_decay"], eps=run_args["adam_epsilon"])
@@ -324,12 +329,13 @@ def _checkpoint_write_error(output_dir, tmp: Path, step: int, error: BaseExcepti
 
 
 def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int] = None, stream=None,
-                    run_args: Optional[Dict[str, Any]] = None, guard=None) -> Path:
+                    run_args: Optional[Dict[str, Any]] = None, guard=None, process_states=()) -> Path:
     """`accelerator.save_state` into `checkpoint-N.tmp`, then an atomic rename to `checkpoint-N`; prune old ones.
 
     `stream` (a `TrainDataStream`) writes each process's data position into the same folder, `run_args` the resolved
     arguments (`args.json`, compared on resume) and `guard` (a `NonFiniteGuard`) its state, which also records
-    whether this checkpoint is healthy. `manifest.json` is written last, then the folder is renamed. A failed write
+    whether this checkpoint is healthy; every process writes each of `process_states` (objects with
+    `save_state(folder)`, like `stream`) into the folder too. `manifest.json` is written last, then the folder is renamed. A failed write
     (full disk, ...) removes the `.tmp` folder and raises a `CheckpointWriteError` that says how to resume.
     """
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
@@ -341,6 +347,8 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[in
         accelerator.save_state(str(tmp))
         if stream is not None:
             stream.save_state(str(tmp))
+        for state in process_states:
+            state.save_state(str(tmp))
         if accelerator.is_main_process:
             if run_args is not None:
                 save_args(run_args, tmp / CHECKPOINT_ARGS_NAME)
