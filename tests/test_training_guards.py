@@ -95,3 +95,16 @@ def test_guide_stop_default_counts_epochs_of_the_data(assets, stage1, tmp_path):
     losses = read_losses(out)
     assert [("loss_guide" in losses[s]) for s in (1, 2, 3, 4)] == [True, True, True, False]
     assert '"guide_stop_step": 3' in (out / "README.md").read_text()
+
+
+def test_writing_a_checkpoint_does_not_change_the_run(assets, tmp_path):
+    # Saving the EMA builds a model (random init) on the main process; that must not draw from the training RNG, or
+    # a run that checkpoints every step trains on other noise than one that never does.
+    every = tmp_path / "every_step"
+    train_align.main(flags(assets, every, checkpointing_steps=1, validation_steps=100))
+    once = tmp_path / "at_the_end"
+    train_align.main(flags(assets, once, checkpointing_steps=4, validation_steps=100))
+    a, b = read_losses(every), read_losses(once)
+    assert [a[s]["loss"] for s in (1, 2, 3, 4)] == [b[s]["loss"] for s in (1, 2, 3, 4)]
+    wa, wb = _weights(every / "transformer"), _weights(once / "transformer")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

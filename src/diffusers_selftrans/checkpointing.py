@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+
 from .cli import SECRET_FLAGS, run_arguments, save_args
 from .models import AlignmentProjector, SiTTransformer2DModel
 
@@ -49,7 +51,10 @@ def register_checkpoint_hooks(accelerator, ema=None, transformer_cls=None):
                 model.save_pretrained(os.path.join(output_dir, folder_name(model)))
                 weights.pop(i)
         if ema is not None:
-            ema.save_pretrained(os.path.join(output_dir, "transformer_ema"))
+            # EMAModel.save_pretrained builds (randomly initialises) a model: keep that off the training RNG, or a
+            # run that checkpoints would draw other noise than one that does not
+            with torch.random.fork_rng(devices=[]):
+                ema.save_pretrained(os.path.join(output_dir, "transformer_ema"))
 
     def load_hook(models, input_dir):
         for i in reversed(range(len(models))):
