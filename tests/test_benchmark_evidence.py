@@ -59,11 +59,14 @@ def test_evidence_smoke_partial_results_and_resume(tmp_path, monkeypatch):
     assert "| w1_loss_matched | guidance scale | not yet run |" in (out / "results.md").read_text()
     monkeypatch.setattr(evidence, "run_training", real_run)
 
-    # 2. Run again: only the probes and the missing row train
-    before = len(read_events(out))
+    first = [Path(e["run"]).relative_to(out).as_posix() for e in read_events(out)]
+    assert first == ["runs/vae_align/seed0", "runs/vanilla/seed0", "runs/self_transcendence/seed0",
+                     "probes/w1/seed0", "probes/w30/seed0"]
+
+    # 2. Run again: only the missing row trains (the probes are finished runs too)
     result = evidence.main(argv)
-    new = [Path(e["run"]).relative_to(out).as_posix() for e in read_events(out)[before:]]
-    assert new == ["probes/w1/seed0", "probes/w30/seed0", "runs/w1_loss_matched/seed0"]
+    new = [Path(e["run"]).relative_to(out).as_posix() for e in read_events(out)[len(first):]]
+    assert new == ["runs/w1_loss_matched/seed0"]
     lm = result["loss_match"]
     assert lm["lambda"] == pytest.approx(evidence.DEFAULT_LAMBDA * lm["loss_w30"] / lm["loss_w1"])
     matched_args = json.loads((out / "runs" / "w1_loss_matched" / "seed0" / "args.json").read_text())
