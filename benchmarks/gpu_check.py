@@ -44,6 +44,14 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flops import (  # noqa: E402,F401  (shared with benchmarks/evidence.py; tests read them here)
+    PAPER_MACS_PER_IMAGE,
+    TRAINING_FLOPS_PER_FORWARD,
+    sit_forward_macs,
+    training_flops_per_image,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT_DIR = ROOT / "benchmarks" / "results" / "gpu"
 
@@ -126,14 +134,6 @@ PEAK_BF16_FLOPS = (
     ("A100", 312e12),
     ("A800", 312e12),
 )
-# Forward cost: 2 FLOPs per multiply-accumulate of every matmul (as nanoGPT's estimate_mfu / PaLM appendix B), nothing
-# for norms, activations, softmax or adds. The DiT/SiT papers' "Gflops" count multiply-accumulates (fvcore):
-# SiT-B/2 23 G and SiT-XL/2 118.6 G per 256 px image, so forward FLOPs are twice those. Training = 3 x forward
-# (the backward pass computes gradients for activations and for weights, 2 x forward).
-# Scale: the paper's 8xA800 run trained SiT-B/2 at ~297 img/s per GPU: 297 x 6 x 23e9 / 312e12 = ~13 % of peak.
-TRAINING_FLOPS_PER_FORWARD = 3
-PAPER_MACS_PER_IMAGE = {"SiT-B/2": 23.0e9, "SiT-XL/2": 118.6e9}
-
 # --- --smoke: tiny configs on the CPU ---------------------------------------------------------------------------------
 SMOKE_MODEL = dict(patch_size=2, num_layers=4, num_attention_heads=2, attention_head_dim=16, mlp_ratio=4.0)
 SMOKE_RESOLUTION, SMOKE_CLASSES = 64, 10  # latents 4 x 8 x 8
@@ -149,40 +149,6 @@ SMOKE_SAMPLING = ["--preset", "SiT-S/4", "--resolution", "32", "--batch", "2", "
 # ----------------------------------------------------------------------------------------------------------------------
 # FLOPs and MFU
 # ----------------------------------------------------------------------------------------------------------------------
-def sit_forward_macs(config: Dict[str, Any], num_blocks: Optional[int] = None) -> int:
-    """Multiply-accumulates of one image's forward pass through a SiT config (all matmuls, see the formula above).
-
-    `num_blocks`: stop after that many blocks, without the final layer (the teacher's early exit).
-    """
-    from diffusers_selftrans.alignment.common import resolve_sit_config
-    from diffusers_selftrans.models.transformer_sit import TIMESTEP_FREQUENCY_DIM
-
-    cfg = resolve_sit_config(config)
-    d, t, p = cfg["hidden_size"], cfg["num_tokens"], cfg["patch_size"]
-    blocks = cfg["num_layers"] if num_blocks is None else num_blocks
-    if not 0 <= blocks <= cfg["num_layers"]:
-        raise ValueError(f"num_blocks must be in [0, {cfg['num_layers']}], got {num_blocks}.")
-    hidden = int(d * cfg["mlp_ratio"])
-    if cfg["mlp_type"] == "swiglu":
-        mlp = 3 * d * int(2 * hidden / 3)  # w12: D -> 2h', w3: h' -> D (LightningDiT SwiGLUFFN)
-    else:
-        mlp = 2 * d * hidden  # fc1, fc2
-    per_token_block = 3 * d * d + d * d + mlp + 2 * t * d  # qkv, out proj, MLP, QK^T and AV
-    per_image_block = 6 * d * d  # adaLN modulation (per image, not per token)
-    macs = t * p * p * cfg["in_channels"] * d  # patch embedding
-    macs += TIMESTEP_FREQUENCY_DIM * d + d * d  # timestep MLP
-    macs += blocks * (t * per_token_block + per_image_block)
-    if num_blocks is None:
-        final_channels = cfg["out_channels"] * (2 if cfg["learn_sigma"] else 1)
-        macs += t * d * p * p * final_channels + 2 * d * d  # final linear, final adaLN
-    return macs
-
-
-def training_flops_per_image(config: Dict[str, Any]) -> float:
-    """3 x forward FLOPs (2 FLOPs per multiply-accumulate): the student's model FLOPs per training image."""
-    return TRAINING_FLOPS_PER_FORWARD * 2.0 * sit_forward_macs(config)
-
-
 def device_peak_flops(device_name: str):
     """(dense bf16 peak FLOP/s or None, note) for a device name."""
     for key, peak in PEAK_BF16_FLOPS:

@@ -9,6 +9,9 @@
   reconstruction + a small KL term), sets `scaling_factor` to 1 / std of the posterior means over the training digits
   and saves it with `save_pretrained`. The held-out digits (`split_digits`) are never trained on.
 - `load_digits_vae`: loads the committed VAE from `examples/assets/digits-vae/`.
+- Any other data: `train-vae --train_data_dir FOLDER` trains the same recipe on an image-class folder (colour or
+  grayscale, read with the training preprocessing at `--resolution`), holds out `HELD_OUT_FRACTION` of its images and
+  reports their PSNR; `vae_metrics.json` next to the weights records it.
 
 The committed VAE was made with
 
@@ -22,6 +25,7 @@ the dataset (per channel -0.4 to 1.1, like SD-VAE's), so `shift_factor` stays No
 Usage:
     python examples/quickstart_assets.py write-digits --output_dir data/digits --resolution 32
     python examples/quickstart_assets.py train-vae --output_dir examples/assets/digits-vae
+    python examples/quickstart_assets.py train-vae --train_data_dir my_folders --resolution 32 --output_dir my-vae
 """
 
 import argparse
@@ -55,6 +59,8 @@ VAE_IMAGE_CHANNELS = 3
 VAE_TRAIN_STEPS = 1000
 VAE_BATCH_SIZE = 64
 VAE_LEARNING_RATE = 2e-3
+# Written next to a trained VAE: its held-out PSNR and scaling factor (read by benchmarks/evidence.py).
+VAE_METRICS_FILE = "vae_metrics.json"
 # Weight of the per-element KL against the per-pixel L1: small, as SD-VAE's, but large enough to keep the
 # posterior means well conditioned for a diffusion model (none of the latent channels collapses or explodes).
 VAE_KL_WEIGHT = 1e-4
@@ -84,6 +90,7 @@ def split_digits(
         raise ValueError(f"held_out_fraction must lie in (0, 1), got {held_out_fraction}.")
     order = np.random.RandomState(seed).permutation(num_images)
     num_held_out = int(round(num_images * held_out_fraction))
+    num_held_out = min(max(num_held_out, 1), num_images - 1)  # small folders: at least one image on each side
     return np.sort(order[num_held_out:]), np.sort(order[:num_held_out])
 
 
@@ -115,11 +122,44 @@ def write_digits_imagefolder(output_dir, resolution: int = DEFAULT_RESOLUTION) -
 
 
 def digits_to_tensor(images: np.ndarray, channels: int = VAE_IMAGE_CHANNELS):
-    """uint8 `(N, H, W)` -> float `(N, channels, H, W)` in [-1, 1], the VAE's input range."""
+    """uint8 `(N, H, W)` (grayscale, repeated to `channels`) or `(N, H, W, channels)` (colour) -> float
+    `(N, channels, H, W)` in [-1, 1], the VAE's input range."""
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)
+    if x.ndim == 4:
+        if x.shape[-1] != channels:
+            raise ValueError(f"Images have {x.shape[-1]} channels but the VAE takes {channels}.")
+        return x.permute(0, 3, 1, 2).contiguous()
+    if x.ndim != 3:
+        raise ValueError(f"Expected uint8 images (N, H, W) or (N, H, W, C), got shape {tuple(x.shape)}.")
     return x[:, None].expand(-1, channels, -1, -1).contiguous()
+
+
+def load_imagefolder_images(root, resolution: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Every image of an image-class folder (`root/<class>/<image>`) as uint8 RGB `(N, R, R, 3)` and its class index
+    `(N,)` (classes sorted by name), through the training preprocessing (`diffusers_selftrans.data.preprocess_image`:
+    RGB, ADM centre crop to `resolution`). Unreadable files are an error naming the file."""
+    from diffusers_selftrans.data import preprocess_image
+
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--train_data_dir {root} is not a folder.")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>).")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted(p for p in (root / name).iterdir() if p.is_file()):
+            try:
+                x = preprocess_image(str(path), resolution)  # (3, R, R) in [-1, 1]
+            except Exception as error:  # a clear error naming the file, not a silent skip
+                raise ValueError(f"Cannot read image {path}: {error}") from error
+            images.append(((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
+            labels.append(label)
+    if len(images) < 2:
+        raise ValueError(f"{root} holds {len(images)} image(s); the VAE needs at least 2 (one is held out).")
+    return np.stack(images), np.array(labels, dtype=np.int64)
 
 
 def build_digits_vae(resolution: int = DEFAULT_RESOLUTION, latent_channels: int = 4):
@@ -174,16 +214,21 @@ def train_digits_vae(
     seed: int = 0,
     split_seed: int = 0,
     log_every: Optional[int] = None,
+    train_data_dir: Optional[str] = None,
 ) -> Dict[str, float]:
-    """Train the tiny digits VAE on the non-held-out digits, set its `scaling_factor`, save it to `output_dir`.
+    """Train the tiny VAE on the non-held-out digits (or the images of `train_data_dir`, an image-class folder), set
+    its `scaling_factor`, save it and `vae_metrics.json` to `output_dir`.
 
-    Returns `{"held_out_psnr", "scaling_factor", "latent_mean", "train_seconds", "steps"}`.
+    Returns `{"held_out_psnr", "held_out_images", "scaling_factor", "latent_mean", "train_seconds", "steps", "data"}`.
     """
     import torch
 
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}.")
-    images, _ = load_digit_images(resolution)
+    if train_data_dir is None:
+        images, _ = load_digit_images(resolution)
+    else:
+        images, _ = load_imagefolder_images(train_data_dir, resolution)
     train_idx, held_out_idx = split_digits(len(images), seed=split_seed)
     x_train = digits_to_tensor(images[train_idx])
 
@@ -219,13 +264,17 @@ def train_digits_vae(
     held_out_psnr = reconstruction_psnr(vae, images[held_out_idx])
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(output_dir)
-    return {
+    metrics = {
         "held_out_psnr": held_out_psnr,
+        "held_out_images": int(len(held_out_idx)),
         "scaling_factor": scaling_factor,
         "latent_mean": float(means.mean() * scaling_factor),
         "train_seconds": train_seconds,
         "steps": steps,
+        "data": "scikit-learn digits" if train_data_dir is None else str(train_data_dir),
     }
+    (Path(output_dir) / VAE_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def load_digits_vae(path=DEFAULT_VAE_PATH):
@@ -257,6 +306,8 @@ def parse_args(input_args: Optional[Sequence[str]] = None) -> argparse.Namespace
     vae.add_argument("--seed", type=int, default=0)
     vae.add_argument("--split_seed", type=int, default=0)
     vae.add_argument("--log_every", type=int, default=100)
+    vae.add_argument("--train_data_dir", type=str, default=None,
+                     help="An image-class folder (colour or grayscale) to train on instead of the digits.")
     return parser.parse_args(input_args)
 
 
@@ -275,6 +326,7 @@ def main(args: argparse.Namespace) -> None:
         seed=args.seed,
         split_seed=args.split_seed,
         log_every=args.log_every,
+        train_data_dir=args.train_data_dir,
     )
     print(json.dumps(metrics, indent=2))
 

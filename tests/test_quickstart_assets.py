@@ -135,3 +135,49 @@ def test_cli_parses_both_commands():
     assert (args.command, args.resolution) == ("write-digits", 32)
     with pytest.raises(SystemExit):
         qa.parse_args(["train-vae", "--stepz", "5"])
+
+
+def _write_colour_folder(root, per_class=5, size=16):
+    """Two classes: red-ish and blue-ish noise images (colour, so a grayscale-only recipe would fail)."""
+    rng = np.random.RandomState(0)
+    for c, name in ((0, "red"), (2, "blue")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = rng.randint(0, 80, (size, size, 3)).astype(np.uint8)
+            image[..., c] = 200
+            Image.fromarray(image).save(root / name / f"{i}.png")
+    return root
+
+
+def test_train_vae_on_a_colour_folder(tmp_path):
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    folder = _write_colour_folder(tmp_path / "colours")
+    images, labels = qa.load_imagefolder_images(folder, 16)
+    assert images.shape == (10, 16, 16, 3) and labels.tolist() == [0] * 5 + [1] * 5  # blue < red: sorted names
+    assert images[labels == 0][..., 2].mean() > 150 and images[labels == 1][..., 0].mean() > 150  # colour kept
+    x = qa.digits_to_tensor(images)
+    assert x.shape == (10, 3, 16, 16) and torch.equal(x[:, 2], torch.from_numpy(images[..., 2]).float() / 127.5 - 1)
+    out = tmp_path / "vae"
+    qa.main(qa.parse_args(["train-vae", "--train_data_dir", str(folder), "--resolution", "16", "--steps", "2",
+                           "--batch_size", "4", "--output_dir", str(out)]))
+    metrics = json.loads((out / qa.VAE_METRICS_FILE).read_text())
+    assert metrics["held_out_images"] == 1 and np.isfinite(metrics["held_out_psnr"])  # 10 % of 10 images
+    assert metrics["data"] == str(folder)
+    vae = qa.load_digits_vae(out)
+    assert metrics["held_out_psnr"] == pytest.approx(qa.reconstruction_psnr(vae, images[qa.split_digits(10)[1]]),
+                                                     abs=1e-3)
+
+
+def test_train_vae_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a folder"):
+        qa.load_imagefolder_images(tmp_path / "missing", 16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        qa.load_imagefolder_images(tmp_path / "empty", 16)
+    bad = tmp_path / "bad" / "a"
+    bad.mkdir(parents=True)
+    (bad / "x.png").write_text("not an image")
+    with pytest.raises(ValueError, match="x.png"):
+        qa.load_imagefolder_images(tmp_path / "bad", 16)
+    with pytest.raises(ValueError, match="channels"):
+        qa.digits_to_tensor(np.zeros((2, 4, 4, 1), np.uint8))

@@ -1,0 +1,731 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
+"""Evidence benchmark (issue 17): equal compute, runs that converge, and the paper's ablations at CPU scale.
+
+Every training is the project's own script in its own process (`python examples/train_align.py ...` or
+`examples/train_self_transcendence.py ...`), one after the other, each with `--resume_from_checkpoint latest`, so
+
+    nohup nice -n 19 python benchmarks/evidence.py --output_dir bench_evidence > evidence.log 2>&1 &
+
+can be killed at any time and started again with the same command: a finished run (its pipeline folder exists) is
+skipped, an unfinished one resumes from its newest checkpoint, a checkpoint already scored is not scored again, and
+`results.json`, `results.md`, `loss_curves.json` and the plots are rewritten after every run and every evaluation
+from whatever is finished (commit them whenever you like).
+
+What runs (rows; the paper's SiT-B/2 FID-10K at 80 epochs next to each, Tables 4 and 5):
+- `vanilla` for `--steps` + the stage-1 budget: its first `--steps` are the vanilla row, the whole run is vanilla
+  at equal compute with the teacher charged (same seed, same data order, constant lr: a prefix of a longer run is the
+  shorter run).
+- `vae_align` (Table 4 V1): stage 1. Seed `TEACHER_SEED`'s run is THE guiding model of every Self-Transcendence row
+  (its checkpoints at 25/50/100/150 % of the stage-1 budget are the teacher ages), so the teacher is amortised over
+  every seed and ablation; the other seeds give the V1 spread.
+- `self_transcendence` (full), the w rows {1, 15, 45, 60} (30 is the full row), `w1_loss_matched` (w = 1 with lambda
+  raised so that its initial guide loss equals w = 30's, measured by two probe runs at learning rate 0 on the same
+  first batches), the layer rows (the paper's m -> n of 12 blocks scaled to the depth: round(m x depth / 12)),
+  the teacher ages, the lambda rows, and `vanilla_teacher` (Table 4 V2: the guiding model is vanilla at the stage-1
+  budget).
+Each checkpoint's EMA weights are sampled (class-balanced, Euler, no CFG) and scored with the feature-FID and class
+accuracy of `diffusers_selftrans.evaluation` (a small classifier trained on the real images).
+
+Training FLOPs (benchmarks/flops.py): 2 FLOPs per multiply-accumulate; a trained module costs 3 x its forward, the
+frozen guiding model 1 x its forward up to the guiding block, twice per image (true label and null class); the
+alignment projector (and stage 1's head) is trained. The guided phase costs student + projector + teacher; after the
+guide stop a step is a vanilla step. "Teacher charged" adds the guiding model's whole stage-1 FLOPs (and seconds) to a
+Self-Transcendence run; "teacher amortised" adds them divided by the number of rows x seeds sharing that teacher.
+
+    python benchmarks/evidence.py --output_dir bench_evidence                 # digits, the full run (CPU-hours)
+    python benchmarks/evidence.py --quick --output_dir bench_quick            # a short budget, headline rows only
+    python benchmarks/evidence.py --train_data_dir my_class_folders --resolution 32 --output_dir bench_mine
+    python benchmarks/evidence.py --smoke --output_dir /tmp/smoke             # the plumbing, ~1 min; tests run this
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import flops as F  # noqa: E402
+import quickstart_assets  # noqa: E402
+
+# --- budgets -----------------------------------------------------------------------------------------------------------
+# NOT YET MEASURED: the step budget must be the point where vanilla's feature-FID curve flattens, read off a measured
+# curve (the issue suggests ~3,000 steps of the tiny SiT; 600 steps were still falling steeply). Every report says
+# whether the last FLAT_TAIL_FRACTION of vanilla's curve is flat within the seed spread; if it is not, raise this.
+DEFAULT_STEPS = 3000
+# Evaluations every 12.5 % of the run (~10 %), chosen so that the teacher ages below (25 % of a stage-1 budget of half
+# the run = 12.5 % of the run) fall on evaluated checkpoints.
+EVAL_FRACTION = 0.125
+# Paper Table 5: the default guiding model M_align is trained 200K iterations for a 400K-iteration (80-epoch) stage 2.
+STAGE1_FRACTION = 0.5
+# Released code: the guide loss stops after 100K of the 400K iterations (paper: 20 of 80 epochs for SiT-B).
+GUIDE_STOP_FRACTION = 0.25
+# EMA suited to the length: keep the paper's averaging horizon as a fraction of the run. Decay 0.9999 averages over
+# ~1 / (1 - 0.9999) = 10K steps of a 400K-step run = 2.5 %; the decay giving 2.5 % of `steps` is 1 - 1 / (0.025 steps)
+# (3,000 steps: 0.9867, a horizon of 75 steps, well inside the 375 steps between evaluations).
+PAPER_EMA_DECAY = 0.9999
+PAPER_TRAIN_STEPS = 400_000
+EMA_HORIZON_FRACTION = (1.0 / (1.0 - PAPER_EMA_DECAY)) / PAPER_TRAIN_STEPS
+# Convergence check: the last 20 % of vanilla's curve is "flat" if its mean FID moves less than the seed spread there.
+FLAT_TAIL_FRACTION = 0.2
+# convergence.py's measurement: lr 1e-4 (tuned for SiT-B at batch 256 over 400K steps) barely trains the tiny SiT in
+# a few hundred steps (loss 0.43 after 300 steps vs 0.35 at 1e-3).
+TINY_LEARNING_RATE = 1e-3
+TINY_BATCH_SIZE = 128
+# The paper's 2048-wide projector is for D = 768-1152; 4 D for the tiny SiT's D = 128 (as convergence.py).
+TINY_PROJECTOR_DIM = 512
+QUICK_STEPS = 600  # --quick: the old convergence budget, headline rows only
+
+# --- the paper's settings (Self-Transcendence, SiT-B/2 = 12 blocks) ----------------------------------------------------
+PAPER_DEPTH = 12
+DEFAULT_W = 30.0
+DEFAULT_LAMBDA = 0.5
+DEFAULT_LAYERS = (8, 6)  # guiding block -> guided block, of 12
+W_VALUES = (1.0, 15.0, 45.0, 60.0)  # plus 30 = the full row (Table 5)
+LAYER_ROWS = ((8, 4), (8, 8), (6, 6), (10, 6))  # plus 8 -> 6 = the full row (Table 5)
+TEACHER_AGES = (0.25, 0.5, 1.5)  # fractions of the stage-1 budget (paper 50K/100K/300K of 200K); 1.0 = full row
+LAMBDAS = (0.1, 0.3, 0.7, 1.0)  # plus 0.5 = the full row (Table 5)
+# Paper FID-10K of each row (SiT-B/2, 80 epochs; Table 4 and Table 5 of the Self-Transcendence paper).
+PAPER_FID = {
+    "vanilla": ("Table 4", 38.60), "vae_align": ("Table 4 V1", 32.20), "vanilla_teacher": ("Table 4 V2", 25.21),
+    "self_transcendence": ("Tables 4/5", 22.91),
+    "w1": ("Table 5", 29.30), "w15": ("Table 5", 24.26), "w45": ("Table 5", 23.01), "w60": ("Table 5", 23.57),
+    "w1_loss_matched": ("not in the paper", None),
+    "layers_8-4": ("Table 5", 23.43), "layers_8-8": ("Table 5", 24.29), "layers_6-6": ("Table 5", 24.37),
+    "layers_10-6": ("Table 5", 24.05),
+    "teacher_25": ("Table 5 (50K)", 28.32), "teacher_50": ("Table 5 (100K)", 25.20),
+    "teacher_150": ("Table 5 (300K)", 22.91),
+    "lambda_0.1": ("Table 5", 24.28), "lambda_0.3": ("Table 5", 23.08), "lambda_0.7": ("Table 5", 23.27),
+    "lambda_1.0": ("Table 5", 23.24),
+}
+# Trends the paper reports, as (better row, worse row, what it tests); judged at the last evaluation.
+TRENDS = (
+    ("self_transcendence", "vanilla", "Self-Transcendence beats vanilla at equal steps"),
+    ("vae_align", "vanilla", "Table 4: VAE-align alone beats vanilla (V1)"),
+    ("self_transcendence", "vae_align", "Table 4: the self-guided stage adds to VAE-align (full vs V1)"),
+    ("self_transcendence", "vanilla_teacher", "Table 4: a VAE-aligned teacher beats a vanilla one (full vs V2)"),
+    ("self_transcendence", "w1", "Table 5: w = 30 beats w = 1"),
+    ("self_transcendence", "w1_loss_matched", "w = 30 beats w = 1 at the same initial loss (the CFG direction)"),
+    ("self_transcendence", "w60", "Table 5: w = 30 beats w = 60"),
+    ("self_transcendence", "layers_8-8", "Table 5: guiding a shallow block (8->6) beats a deep one (8->8)"),
+    ("self_transcendence", "layers_6-6", "Table 5: an abstraction gap (8->6) beats the same depth (6->6)"),
+    ("self_transcendence", "layers_10-6", "Table 5: 8->6 beats a very deep guide (10->6)"),
+    ("self_transcendence", "teacher_25", "Table 5: a trained teacher (100 %) beats a young one (25 %)"),
+    ("self_transcendence", "lambda_0.1", "Table 5: lambda 0.5 beats 0.1"),
+)
+# Loss-matched control: the initial guide loss of w = 1 and w = 30, averaged over this many first batches of probe runs
+# at learning rate 0 (the weights never move, so every batch sees the initial student and projector).
+LOSS_MATCH_PROBE_STEPS = 8
+TEACHER_SEED = 0
+HEADLINE_SEEDS = (0, 1, 2)  # headline, equal-compute and w rows (issue 17)
+ABLATION_SEEDS = (0, 1)  # the other ablations: at least 2
+SMOKE_MODEL = {"patch_size": 2, "num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 16}
+SMOKE_ROWS = ("vanilla", "vae_align", "self_transcendence", "w1_loss_matched")
+LOG_TAIL_CHARS = 3000
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rows and runs
+# ----------------------------------------------------------------------------------------------------------------------
+def ema_decay_for(steps: int) -> float:
+    """The EMA decay whose horizon 1 / (1 - decay) is EMA_HORIZON_FRACTION of a `steps`-step run."""
+    return 1.0 - 1.0 / max(EMA_HORIZON_FRACTION * steps, 1.0)
+
+
+def scaled_layer(block: int, depth: int) -> int:
+    """The paper's block of 12 at the same relative depth of a `depth`-block model (1-based, at least 1)."""
+    return min(depth, max(1, round(block * depth / PAPER_DEPTH)))
+
+
+def all_rows():
+    """Every row: name -> {kind, group, seeds, (Self-Transcendence) w, lam, layers, teacher}, in the order run."""
+    st = lambda **kw: dict({"kind": "st", "w": DEFAULT_W, "lam": DEFAULT_LAMBDA, "layers": DEFAULT_LAYERS,  # noqa: E731
+                            "teacher": ("vae_align", 1.0), "seeds": HEADLINE_SEEDS}, **kw)
+    rows = {"vanilla": {"kind": "vanilla", "group": "headline", "seeds": HEADLINE_SEEDS},
+            "vae_align": {"kind": "vae_align", "group": "table4", "seeds": HEADLINE_SEEDS},
+            "self_transcendence": st(group="headline")}
+    for w in W_VALUES:
+        rows[f"w{w:g}"] = st(group="guidance scale", w=w)
+    rows["w1_loss_matched"] = st(group="guidance scale", w=1.0, lam="matched")
+    rows["vanilla_teacher"] = st(group="table4", teacher=("vanilla", 1.0), seeds=ABLATION_SEEDS)
+    for m, n in LAYER_ROWS:
+        rows[f"layers_{m}-{n}"] = st(group="layers", layers=(m, n), seeds=ABLATION_SEEDS)
+    for age in TEACHER_AGES:
+        rows[f"teacher_{round(age * 100)}"] = st(group="teacher age", teacher=("vae_align", age), seeds=ABLATION_SEEDS)
+    for lam in LAMBDAS:
+        rows[f"lambda_{lam:g}"] = st(group="lambda", lam=lam, seeds=ABLATION_SEEDS)
+    return rows
+
+
+def parse_args(input_args=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output_dir", type=str, required=True)
+    p.add_argument("--train_data_dir", type=str, default=None,
+                   help="An image-class folder (default: scikit-learn's digits). Without --vae_name_or_path a VAE is "
+                        "trained on it first (quickstart_assets.py train-vae) and its held-out PSNR reported.")
+    p.add_argument("--vae_name_or_path", type=str, default=None,
+                   help="Default: the bundled digits VAE for the digits, a VAE trained on --train_data_dir otherwise.")
+    p.add_argument("--vae_steps", type=int, default=quickstart_assets.VAE_TRAIN_STEPS)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--model", type=str, default=str(ROOT / "examples" / "configs" / "sit-tiny.json"))
+    p.add_argument("--rows", nargs="+", default=None, help=f"Rows to run (default all): {list(all_rows())}.")
+    p.add_argument("--steps", type=int, default=None, help=f"Stage-2 / baseline budget (default {DEFAULT_STEPS}).")
+    p.add_argument("--batch_size", type=int, default=TINY_BATCH_SIZE)
+    p.add_argument("--learning_rate", type=float, default=TINY_LEARNING_RATE)
+    p.add_argument("--ema_decay", type=float, default=None, help="Default: ema_decay_for(steps) (see EMA_HORIZON_FRACTION).")
+    p.add_argument("--projector_dim", type=int, default=TINY_PROJECTOR_DIM)
+    p.add_argument("--samples_per_class", type=int, default=30)
+    p.add_argument("--sampling_steps", type=int, default=25)
+    p.add_argument("--max_real", type=int, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="Only these seeds (default: 3 for headline / w rows, 2 for the other ablations).")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps, the headline rows only.")
+    p.add_argument("--smoke", action="store_true", help="A tiny model, 4 steps, 1 seed, 4 rows: the plumbing.")
+    args = p.parse_args(input_args)
+    rows = all_rows()
+    if args.rows is None:
+        args.rows = list(SMOKE_ROWS) if args.smoke else (
+            [r for r in rows if rows[r]["group"] == "headline"] + ["vae_align"] if args.quick else list(rows))
+    unknown = sorted(set(args.rows) - set(rows))
+    if unknown:
+        p.error(f"Unknown rows {unknown}; choose from {list(rows)}.")
+    if args.smoke:
+        args.steps, args.batch_size, args.samples_per_class, args.sampling_steps = 4, 8, 2, 2
+        args.max_real, args.projector_dim, args.vae_steps = args.max_real or 200, 32, 4
+        args.seeds = args.seeds or [0]
+        model = Path(args.output_dir) / "smoke_model.json"
+        model.parent.mkdir(parents=True, exist_ok=True)
+        model.write_text(json.dumps(SMOKE_MODEL))
+        args.model = str(model)
+    args.steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
+    args.ema_decay = ema_decay_for(args.steps) if args.ema_decay is None else args.ema_decay
+    # 2 evaluations in --smoke (every 50 %), otherwise every EVAL_FRACTION of the run
+    args.eval_every = max(1, args.steps // 2 if args.smoke else round(args.steps * EVAL_FRACTION))
+    args.stage1_steps = max(1, round(args.steps * STAGE1_FRACTION))
+    args.guide_stop_step = max(1, round(args.steps * GUIDE_STOP_FRACTION))
+    check_schedule(args, rows, p.error)
+    return args
+
+
+def teacher_step(args, teacher) -> int:
+    return round(args.stage1_steps * teacher[1])
+
+
+def check_schedule(args, rows, error):
+    """Every checkpoint a row needs (teacher ages, the stage-1 budget, the end) must be a multiple of eval_every."""
+    needed = {"--steps": args.steps, "stage-1 budget": args.stage1_steps}
+    for name in args.rows:
+        if rows[name]["kind"] == "st":
+            needed[f"{name}'s teacher"] = teacher_step(args, rows[name]["teacher"])
+    bad = {k: v for k, v in needed.items() if v % args.eval_every or v < 1}
+    if bad:
+        error(f"Checkpoints fall every {args.eval_every} steps ({EVAL_FRACTION:g} of --steps {args.steps}) but these "
+              f"steps are not multiples of it: {bad}. Pick --steps a multiple of {round(1 / (EVAL_FRACTION * 0.25))}.")
+
+
+def row_seeds(args, row):
+    return [s for s in row["seeds"] if args.seeds is None or s in args.seeds] if not args.smoke else list(args.seeds)
+
+
+def run_length(args, kind):
+    """Training steps of a run: vanilla runs on to steps + stage 1 (equal compute); stage 1 to its oldest teacher."""
+    if kind == "vanilla":
+        return args.steps + args.stage1_steps
+    if kind == "vae_align":
+        return max(args.steps, round(args.stage1_steps * max(TEACHER_AGES + (1.0,))))
+    return args.steps
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: one subprocess per run, resumed from its own checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+def child_env():
+    import diffusers_selftrans
+
+    env = dict(os.environ)
+    src = str(Path(diffusers_selftrans.__file__).resolve().parents[1])  # the package this process imports
+    env["PYTHONPATH"] = os.pathsep.join([src] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def run_training(script: str, flags, folder: Path, events: Path):
+    """`python examples/<script> FLAGS --resume_from_checkpoint latest` unless `folder` holds a finished run."""
+    if (folder / "model_index.json").exists():
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    resumed = any(p.name.startswith("checkpoint-") for p in folder.iterdir())
+    argv = [sys.executable, str(ROOT / "examples" / script), *map(str, flags), "--output_dir", str(folder),
+            "--resume_from_checkpoint", "latest", "--no-progress"]
+    print(f"[evidence] {'resume' if resumed else 'train'} {folder}", flush=True)
+    start = time.perf_counter()
+    with open(folder / "train.log", "a") as log:
+        code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=str(ROOT)).returncode
+    if code != 0 or not (folder / "model_index.json").exists():
+        tail = (folder / "train.log").read_text()[-LOG_TAIL_CHARS:]
+        raise RuntimeError(f"Training failed (exit {code}): {' '.join(argv)}\n--- {folder / 'train.log'} ---\n{tail}")
+    with open(events, "a") as f:
+        f.write(json.dumps({"run": str(folder), "resumed": resumed, "seconds": round(time.perf_counter() - start, 1)})
+                + "\n")
+    return True
+
+
+def common_flags(args, ctx, seed, steps, checkpoint_every):
+    return ["--model", args.model, "--vae_name_or_path", ctx["vae"], "--resolution", args.resolution,
+            "--latents_dir", ctx["latents"], "--train_batch_size", args.batch_size, "--seed", seed,
+            "--max_train_steps", steps, "--checkpointing_steps", checkpoint_every, "--validation_steps", 10 ** 9,
+            "--report_to", "none", "--ema_decay", args.ema_decay, "--logging_steps", args.eval_every,
+            "--validation_num_inference_steps", args.sampling_steps, "--validation_class_labels", 0,
+            "--projector_dim", args.projector_dim, "--learning_rate", args.learning_rate]
+
+
+def run_folder(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / name / f"seed{seed}"
+
+
+def teacher_path(out: Path, teacher) -> Path:
+    """The EMA weights of the shared guiding model's checkpoint at its age (vae_align, or vanilla for V2)."""
+    kind, _ = teacher
+    return run_folder(out, kind, TEACHER_SEED)
+
+
+def st_flags(args, ctx, row, seed, depth, lam):
+    m, n = row["layers"]
+    ckpt = teacher_path(ctx["out"], row["teacher"]) / f"checkpoint-{teacher_step(args, row['teacher'])}"
+    return common_flags(args, ctx, seed, args.steps, args.eval_every) + [
+        "--guiding_model_name_or_path", ckpt / "transformer_ema", "--guide_stop_step", args.guide_stop_step,
+        "--guide_cfg_scale", row["w"], "--guide_loss_weight", lam,
+        "--guiding_layer", scaled_layer(m, depth), "--guided_layer", scaled_layer(n, depth)]
+
+
+def probe_initial_guide_loss(args, ctx, row, seed, depth, w, events):
+    """Mean guide loss over the first LOSS_MATCH_PROBE_STEPS batches at lr 0 (initial student, projector, teacher)."""
+    folder = ctx["out"] / "probes" / f"w{w:g}" / f"seed{seed}"
+    steps = min(LOSS_MATCH_PROBE_STEPS, args.steps)
+    flags = st_flags(args, ctx, dict(row, w=w), seed, depth, DEFAULT_LAMBDA)
+    flags[flags.index("--max_train_steps") + 1] = steps
+    flags[flags.index("--checkpointing_steps") + 1] = steps
+    flags[flags.index("--learning_rate") + 1] = 0.0
+    flags[flags.index("--guide_stop_step") + 1] = steps + 1  # the guide stays on through the probe
+    run_training("train_self_transcendence.py", flags, folder, events)
+    rows = [json.loads(line) for line in (folder / "loss_log.jsonl").read_text().splitlines()]
+    values = [r["loss_guide"] for r in rows if r.get("loss_guide")]  # 0 where the t-range mask removed the batch
+    if not values:
+        raise RuntimeError(f"The probe {folder} logged no guide loss in {steps} steps (t-range mask): raise "
+                           f"LOSS_MATCH_PROBE_STEPS.")
+    return float(np.mean(values)), len(values)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation, cached per checkpoint
+# ----------------------------------------------------------------------------------------------------------------------
+def read_log(folder: Path):
+    return {r["step"]: r for r in map(json.loads, (folder / "loss_log.jsonl").read_text().splitlines())}
+
+
+def evaluate_run(folder: Path, args, ctx, max_step: int):
+    """{step: {fid, accuracy}} of every checkpoint up to max_step; each result is cached in folder/evals/."""
+    from diffusers_selftrans import checkpointing as C
+    from diffusers_selftrans import evaluation as E
+    from diffusers_selftrans import training as T
+
+    results = {}
+    for ckpt in C.list_checkpoints(folder):
+        step = C.checkpoint_step(ckpt)
+        if step > max_step:
+            continue
+        cache = folder / "evals" / f"step-{step}.json"
+        if not cache.exists():
+            model = T.load_transformer(str(ckpt / "transformer_ema"))
+            pipe = T.build_pipeline(model, ctx["vae_model"])
+            pipe.set_progress_bar_config(disable=True)
+            plan = E.class_balanced_plan(args.samples_per_class * ctx["num_classes"], ctx["num_classes"], seed=1234)
+            samples = folder / "eval_samples" / f"step-{step}"
+            E.generate_samples(pipe, plan, str(samples), batch_size=256, num_inference_steps=args.sampling_steps,
+                               progress=False)
+            labels = np.array([p.class_label for p in sorted(plan, key=lambda p: p.index)])
+            metrics = E.evaluate_samples(ctx["real"], ctx["real_labels"], E.load_images(str(samples)), labels,
+                                         ctx["classifier"])
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"fid": float(metrics["fid"]), "accuracy": float(metrics["accuracy"])}))
+        results[step] = json.loads(cache.read_text())
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Results from whatever is finished
+# ----------------------------------------------------------------------------------------------------------------------
+def pooled_std(a, b):
+    return math.sqrt((a ** 2 + b ** 2) / 2)
+
+
+def verdict(better, worse):
+    """Lower FID is better. "holds": worse - better exceeds the pooled std over seeds; "reversed": the opposite
+    difference does; otherwise "within spread" (or "undetermined" with one seed, where no spread exists)."""
+    diff = worse["fid_mean"] - better["fid_mean"]
+    spread = pooled_std(better["fid_std"], worse["fid_std"])
+    if min(better["seeds"], worse["seeds"]) < 2:
+        return diff, spread, "undetermined (1 seed)"
+    if diff > spread:
+        return diff, spread, "holds"
+    if -diff > spread:
+        return diff, spread, "reversed"
+    return diff, spread, "within spread"
+
+
+def mean_std(values):
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def run_flops(args, ctx, name, row, folder, step):
+    """Cumulative training FLOPs of a run at `step`, without its teacher."""
+    per_image = ctx["flops"][name]
+    images = args.batch_size
+    if row["kind"] != "st":
+        return step * images * per_image
+    guided = min(step, args.guide_stop_step)
+    return images * (guided * per_image + (step - guided) * ctx["flops"]["vanilla"])
+
+
+def teacher_cost(args, ctx, row, folder_log_cache):
+    """(FLOPs, seconds) of the guiding model's training up to its age."""
+    kind, _ = row["teacher"]
+    step = teacher_step(args, row["teacher"])
+    folder = run_folder(ctx["out"], kind, TEACHER_SEED)
+    log = folder_log_cache.setdefault(folder, read_log(folder))
+    return step * args.batch_size * ctx["flops"][kind], log[step]["train_seconds"]
+
+
+def collect(args, ctx, rows):
+    """Curves of every finished row and seed: points {step, fid, accuracy, seconds, flops, (charged/amortised)}."""
+    curves, loss_curves, logs = {}, {}, {}
+    shares = {}  # teacher -> number of (row, seed) runs sharing it
+    for name in args.rows:
+        if rows[name]["kind"] == "st":
+            key = rows[name]["teacher"][0]
+            shares[key] = shares.get(key, 0) + len(row_seeds(args, rows[name]))
+    views = [(name, name, args.steps) for name in args.rows]
+    if "vanilla" in args.rows:
+        views.append(("vanilla_charged", "vanilla", run_length(args, "vanilla")))
+    for view, name, max_step in views:
+        row = rows[name]
+        for seed in row_seeds(args, row):
+            folder = run_folder(ctx["out"], name, seed)
+            evals = ctx["evals"].get((name, seed))
+            if not evals:
+                continue
+            log = logs.setdefault(folder, read_log(folder))
+            points = []
+            for step, metrics in sorted(evals.items()):
+                if step > max_step:
+                    continue
+                point = {"step": step, **metrics, "seconds": log[step]["train_seconds"],
+                         "flops": run_flops(args, ctx, name, row, folder, step)}
+                if row["kind"] == "st":
+                    t_flops, t_secs = teacher_cost(args, ctx, row, logs)
+                    n = shares[row["teacher"][0]]
+                    point.update(flops_charged=point["flops"] + t_flops, seconds_charged=point["seconds"] + t_secs,
+                                 flops_amortised=point["flops"] + t_flops / n,
+                                 seconds_amortised=point["seconds"] + t_secs / n, teacher_shared_by=n)
+                points.append(point)
+            curves.setdefault(view, {})[seed] = points
+            if view == name:
+                loss_curves.setdefault(name, {})[seed] = [[s, round(r["loss_diff"], 6)] for s, r in sorted(log.items())
+                                                          if s <= max_step]
+    return curves, loss_curves
+
+
+def summarize(curves):
+    """Mean and std over seeds at each step every seed has reached."""
+    summary = {}
+    for view, by_seed in curves.items():
+        steps = sorted(set.intersection(*[{p["step"] for p in pts} for pts in by_seed.values()]))
+        rows = []
+        for step in steps:
+            pts = [next(p for p in pts if p["step"] == step) for pts in by_seed.values()]
+            entry = {"step": step, "seeds": len(pts)}
+            for key in ("fid", "accuracy", "seconds", "flops", "flops_charged", "seconds_charged", "flops_amortised",
+                        "seconds_amortised"):
+                if key in pts[0]:
+                    entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std([p[key] for p in pts])
+            rows.append(entry)
+        summary[view] = rows
+    return summary
+
+
+def flatness(args, summary):
+    """Is the last FLAT_TAIL_FRACTION of vanilla's curve flat within its seed spread?"""
+    rows = [r for r in summary.get("vanilla", []) if r["step"] <= args.steps]
+    if not rows or rows[-1]["step"] != args.steps:
+        return {"verdict": "not yet run"}
+    tail = [r for r in rows if r["step"] >= (1 - FLAT_TAIL_FRACTION) * args.steps]
+    if len(tail) < 2:
+        tail = rows[-2:]
+    change = abs(tail[-1]["fid_mean"] - tail[0]["fid_mean"])
+    spread = float(np.mean([r["fid_std"] for r in tail]))
+    if tail[-1]["seeds"] < 2:
+        word = "undetermined (1 seed)"
+    else:
+        word = "flat" if change <= spread else "still changing: raise DEFAULT_STEPS"
+    return {"verdict": word, "fid_change": change, "seed_std": spread, "from_step": tail[0]["step"],
+            "to_step": tail[-1]["step"]}
+
+
+def fmt(row, key="fid"):
+    return f"{row[f'{key}_mean']:.2f} ± {row[f'{key}_std']:.2f}" if key == "fid" else \
+        f"{row[f'{key}_mean']:.3f} ± {row[f'{key}_std']:.3f}"
+
+
+def write_results(args, ctx, rows):
+    """results.json, results.md, loss_curves.json and the plots, from every finished evaluation."""
+    out = ctx["out"]
+    curves, loss_curves = collect(args, ctx, rows)
+    summary = summarize(curves)
+    final = {v: s[-1] for v, s in summary.items() if s and s[-1]["step"] == (
+        run_length(args, "vanilla") if v == "vanilla_charged" else args.steps)}
+    flat = flatness(args, summary)
+    trends = []
+    for better, worse, what in TRENDS:
+        if better in final and worse in final:
+            diff, spread, word = verdict(final[better], final[worse])
+            trends.append({"trend": what, "better": better, "worse": worse, "fid_difference": diff,
+                           "pooled_std": spread, "verdict": word})
+        elif better in args.rows and worse in args.rows:
+            trends.append({"trend": what, "better": better, "worse": worse, "verdict": "not yet run"})
+    equal = equal_compute(final)
+    result = {"settings": {k: v for k, v in vars(args).items()}, "flops_per_image": ctx["flops"],
+              "vae": ctx["vae_metrics"], "loss_match": ctx["loss_match"], "convergence": flat,
+              "equal_compute": equal, "trends": trends, "summary": summary, "curves": curves,
+              "runs_finished": sorted(f"{n}/seed{s}" for (n, s) in ctx["evals"]), "machine": os.uname().machine}
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "loss_curves.json").write_text(json.dumps(loss_curves))
+    (out / "results.md").write_text(report_markdown(args, ctx, rows, final, flat, trends, equal))
+    plot(args, summary, loss_curves, out)
+    return result
+
+
+def equal_compute(final):
+    """Self-Transcendence (teacher charged and amortised) against vanilla run for steps + stage 1 steps."""
+    st, van = final.get("self_transcendence"), final.get("vanilla_charged")
+    if st is None or van is None:
+        return {"verdict": "not yet run"}
+    diff, spread, word = verdict(st, van)
+    return {"st_fid": st["fid_mean"], "st_fid_std": st["fid_std"], "vanilla_fid": van["fid_mean"],
+            "vanilla_fid_std": van["fid_std"], "st_flops_charged": st["flops_charged_mean"],
+            "st_flops_amortised": st["flops_amortised_mean"], "vanilla_flops": van["flops_mean"],
+            "st_seconds_charged": st["seconds_charged_mean"], "vanilla_seconds": van["seconds_mean"],
+            "fid_difference": diff, "pooled_std": spread,
+            "verdict": f"Self-Transcendence (teacher charged) beats vanilla at equal steps+stage 1: {word}"}
+
+
+def report_markdown(args, ctx, rows, final, flat, trends, equal):
+    lines = [f"# Evidence benchmark ({'smoke' if args.smoke else 'quick' if args.quick else 'full'})", "",
+             f"Budget {args.steps} steps (stage 1 {args.stage1_steps}, guide stop {args.guide_stop_step}), batch "
+             f"{args.batch_size}, lr {args.learning_rate:g}, EMA {args.ema_decay:.5f}, evaluations every "
+             f"{args.eval_every} steps; feature-FID of {args.samples_per_class} samples/class (Euler "
+             f"{args.sampling_steps}, no CFG). Data: {ctx['data_dir']}; VAE {ctx['vae']}"
+             + (f" (held-out PSNR {ctx['vae_metrics']['held_out_psnr']:.1f} dB)" if ctx["vae_metrics"] else "") + ".",
+             "", f"Convergence: the last {FLAT_TAIL_FRACTION:.0%} of vanilla's curve is **{flat['verdict']}**"
+             + (f" (FID moved {flat['fid_change']:.2f} from step {flat['from_step']} to {flat['to_step']}, seed std "
+                f"{flat['seed_std']:.2f})." if "fid_change" in flat else "."), "",
+             "## Equal compute", ""]
+    if "st_fid" in equal:
+        lines += [f"Vanilla for {run_length(args, 'vanilla')} steps: FID {equal['vanilla_fid']:.2f} ± "
+                  f"{equal['vanilla_fid_std']:.2f}, {equal['vanilla_flops']:.3g} FLOPs, {equal['vanilla_seconds']:.0f} s. "
+                  f"Self-Transcendence: FID {equal['st_fid']:.2f} ± {equal['st_fid_std']:.2f}, {equal['st_flops_charged']:.3g} "
+                  f"FLOPs / {equal['st_seconds_charged']:.0f} s with its teacher charged, "
+                  f"{equal['st_flops_amortised']:.3g} FLOPs amortised. {equal['verdict']} (difference "
+                  f"{equal['fid_difference']:.2f}, pooled std {equal['pooled_std']:.2f}).", ""]
+    else:
+        lines += ["Not yet run.", ""]
+    lines += ["## Rows (last evaluation; paper: SiT-B/2 FID-10K at 80 epochs)", "",
+              "| row | group | feature-FID | class accuracy | seeds | train s (+ teacher) | paper FID |",
+              "|---|---|---|---|---|---|---|"]
+    views = list(args.rows) + (["vanilla_charged"] if "vanilla" in args.rows else [])
+    for view in views:
+        source, paper = ("vanilla", ("Table 4, longer", None)) if view == "vanilla_charged" else (view, PAPER_FID[view])
+        paper_text = f"{paper[1]:.2f} ({paper[0]})" if paper[1] is not None else paper[0]
+        group = "equal compute" if view == "vanilla_charged" else rows[source]["group"]
+        if view not in final:
+            lines.append(f"| {view} | {group} | not yet run | | | | {paper_text} |")
+            continue
+        r = final[view]
+        secs = f"{r['seconds_mean']:.0f}" + (f" (+{r['seconds_charged_mean'] - r['seconds_mean']:.0f})"
+                                               if "seconds_charged_mean" in r else "")
+        lines.append(f"| {view} | {group} | {fmt(r)} | {fmt(r, 'accuracy')} | {r['seeds']} | {secs} | {paper_text} |")
+    lines += ["", "## Trends (rule: holds if the mean FID difference exceeds the pooled std over seeds)", "",
+              "| trend | difference (worse - better) | pooled std | verdict |", "|---|---|---|---|"]
+    for t in trends:
+        nums = (f"{t['fid_difference']:.2f} | {t['pooled_std']:.2f}" if "fid_difference" in t else " | ")
+        lines.append(f"| {t['trend']} | {nums} | {t['verdict']} |")
+    if ctx["loss_match"]:
+        lm = ctx["loss_match"]
+        lines += ["", f"Loss-matched w = 1: initial guide loss {lm['loss_w1']:.4g} (w = 1) vs {lm['loss_w30']:.4g} "
+                      f"(w = 30), mean of {lm['batches']} first batches at lr 0, seed {lm['seed']}; lambda = "
+                      f"{DEFAULT_LAMBDA} x {lm['loss_w30']:.4g} / {lm['loss_w1']:.4g} = {lm['lambda']:.4g}."]
+    lines += ["", f"FLOPs per training image: {json.dumps({k: f'{v:.3g}' for k, v in ctx['flops'].items()})} "
+                  "(benchmarks/flops.py: 3 x forward of trained modules, the guiding model's forward to its block "
+                  "twice per image in the guided phase).",
+              "", "A CPU-scale result says whether the mechanisms behave as the paper reports on a tiny SiT and a tiny "
+                  "dataset; it does not predict ImageNet FIDs, the size of the gains at SiT-B/XL scale, or behaviour "
+                  "at 400K steps.", ""]
+    return "\n".join(lines)
+
+
+def plot(args, summary, loss_curves, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def band(ax, xs, rows, label, **style):
+        mean = np.array([r["fid_mean"] for r in rows])
+        std = np.array([r["fid_std"] for r in rows])
+        ax.plot(xs, mean, marker="o", label=label, **style)
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.15)
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for view, rows in summary.items():
+        if not rows or view not in ("vanilla_charged", "vae_align", "self_transcendence"):
+            continue
+        band(axes[0], [r["step"] for r in rows], rows, view)
+        if view == "self_transcendence":
+            for i, kind in ((1, "flops"), (2, "seconds")):
+                band(axes[i], [r[f"{kind}_charged_mean"] for r in rows], rows, "self_transcendence (teacher charged)",
+                     linewidth=2.5)
+                band(axes[i], [r[f"{kind}_amortised_mean"] for r in rows], rows,
+                     "self_transcendence (teacher amortised)", linestyle="--")
+        else:
+            band(axes[1], [r["flops_mean"] for r in rows], rows, view)
+            band(axes[2], [r["seconds_mean"] for r in rows], rows, view)
+    for ax, label in zip(axes, ("training steps", "training FLOPs", "training seconds (measured)")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("feature-FID (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Equal compute: mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(out / "equal_compute.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, by_seed in loss_curves.items():
+        length = min(len(v) for v in by_seed.values())
+        steps = [s for s, _ in next(iter(by_seed.values()))[:length]]
+        loss = np.mean([[v for _, v in series[:length]] for series in by_seed.values()], axis=0)
+        window = max(1, length // 50)  # a moving average over 2 % of the run, to read the trend
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, label=name, linewidth=2.0 if name == "self_transcendence" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("diffusion loss (loss_diff, mean over seeds, moving average)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+def prepare_data(args, out: Path, events: Path):
+    """The data folder, a VAE for it (trained when the folder is the user's and no VAE is given), latents, real images
+    and the evaluation classifier."""
+    import preprocess_latents
+    from diffusers import AutoencoderKL
+
+    from diffusers_selftrans import evaluation as E
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from convergence import load_folder_images
+
+    data_dir = args.train_data_dir or str(quickstart_assets.write_digits_imagefolder(out / "data" / "digits",
+                                                                                       args.resolution))
+    vae, vae_metrics = args.vae_name_or_path, None
+    if vae is None and args.train_data_dir is None:
+        vae = str(quickstart_assets.DEFAULT_VAE_PATH)
+    elif vae is None:
+        vae = str(out / "vae")
+        if not (Path(vae) / quickstart_assets.VAE_METRICS_FILE).exists():
+            print(f"[evidence] train a VAE on {data_dir}", flush=True)
+            argv = [sys.executable, str(ROOT / "examples" / "quickstart_assets.py"), "train-vae", "--train_data_dir",
+                    data_dir, "--resolution", str(args.resolution), "--steps", str(args.vae_steps), "--output_dir", vae]
+            subprocess.run(argv, check=True, env=child_env(), cwd=str(ROOT), stdout=subprocess.DEVNULL)
+        vae_metrics = json.loads((Path(vae) / quickstart_assets.VAE_METRICS_FILE).read_text())
+    latents = out / "data" / "latents"
+    if not (latents / "stats.json").exists():
+        preprocess_latents.main(preprocess_latents.parse_args([
+            "--train_data_dir", data_dir, "--resolution", str(args.resolution), "--vae_name_or_path", vae,
+            "--output_dir", str(latents), "--batch_size", "256"]))
+    real, real_labels, num_classes = load_folder_images(data_dir, args.resolution, args.max_real)
+    classifier = E.train_feature_classifier(real, real_labels, num_classes=num_classes, seed=0,
+                                            cache_dir=str(out / "eval_cache"), input_size=args.resolution)
+    return {"out": out, "data_dir": data_dir, "vae": vae, "vae_metrics": vae_metrics, "latents": str(latents),
+            "vae_model": AutoencoderKL.from_pretrained(vae).eval(), "real": real, "real_labels": real_labels,
+            "num_classes": num_classes, "classifier": classifier, "evals": {}, "loss_match": None}
+
+
+def main(args=None):
+    args = args if isinstance(args, argparse.Namespace) else parse_args(args)
+    from diffusers_selftrans import training as T
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    events = out / "runs_log.jsonl"  # one line per training that ran in this or an earlier invocation
+    ctx = prepare_data(args, out, events)
+    rows = all_rows()
+    # The student's config, resolved as the scripts resolve it (latent size and classes from the VAE and the data)
+    vae_cfg = ctx["vae_model"]
+    config = T.model_config(args.model, sample_size=T.vae_latent_size(vae_cfg, args.resolution),
+                            in_channels=vae_cfg.config.latent_channels, num_classes=ctx["num_classes"],
+                            qk_norm=True, class_dropout_prob=0.1)  # the scripts' defaults; no FLOPs either way
+    depth = config["num_layers"]
+    ctx["flops"] = {"vanilla": F.method_flops_per_image("vanilla", config),
+                    "vae_align": F.method_flops_per_image("vae_align", config, projector_dim=args.projector_dim)}
+    for name in args.rows:
+        if rows[name]["kind"] == "st":
+            ctx["flops"][name] = F.method_flops_per_image(
+                "self_transcendence", config, projector_dim=args.projector_dim, teacher_config=config,
+                guiding_layer=scaled_layer(rows[name]["layers"][0], depth))
+
+    # Order: the shared teacher(s) first, then each row's seeds; results are rewritten after every run
+    needed_kinds = {rows[n]["teacher"][0] for n in args.rows if rows[n]["kind"] == "st"}
+    order = [(k, TEACHER_SEED) for k in ("vae_align", "vanilla") if k in needed_kinds]
+    order += [(name, seed) for name in args.rows for seed in row_seeds(args, rows[name]) if (name, seed) not in order]
+    for name, seed in order:
+        row = rows[name]
+        folder = run_folder(out, name, seed)
+        if row["kind"] in ("vanilla", "vae_align"):
+            length = run_length(args, row["kind"])
+            method = "none" if row["kind"] == "vanilla" else "vae_align"
+            run_training("train_align.py", common_flags(args, ctx, seed, length, args.eval_every)
+                         + ["--alignment", method], folder, events)
+        else:
+            lam = row["lam"]
+            if lam == "matched":
+                loss_w1, n1 = probe_initial_guide_loss(args, ctx, row, TEACHER_SEED, depth, 1.0, events)
+                loss_w30, n30 = probe_initial_guide_loss(args, ctx, row, TEACHER_SEED, depth, DEFAULT_W, events)
+                lam = DEFAULT_LAMBDA * loss_w30 / loss_w1
+                ctx["loss_match"] = {"loss_w1": loss_w1, "loss_w30": loss_w30, "batches": min(n1, n30),
+                                     "seed": TEACHER_SEED, "lambda": lam}
+            run_training("train_self_transcendence.py", st_flags(args, ctx, row, seed, depth, lam), folder, events)
+        if name in args.rows:
+            max_step = run_length(args, "vanilla") if name == "vanilla" else args.steps
+            ctx["evals"][(name, seed)] = evaluate_run(folder, args, ctx, max_step)
+        write_results(args, ctx, rows)  # partial results after every run
+    result = write_results(args, ctx, rows)
+    print((out / "results.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()

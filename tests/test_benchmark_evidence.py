@@ -1,0 +1,123 @@
+"""`benchmarks/evidence.py --smoke`: partial results after every run, resume (only the damaged run is redone), the
+loss-matched control, the equal-compute FLOPs and curves; and one command from a colour image folder to the table."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import evidence  # noqa: E402
+import flops  # noqa: E402
+
+
+def read_events(out):
+    return [json.loads(line) for line in (out / "runs_log.jsonl").read_text().splitlines()]
+
+
+def test_schedule_helpers_and_flops():
+    # the paper's 8->6 of 12 blocks on the depth-6 tiny SiT is 4->3 (= the library's 2n/3 -> n/2 defaults)
+    assert [evidence.scaled_layer(b, 6) for b in (8, 6, 4, 10)] == [4, 3, 2, 5]
+    # EMA horizon 1 / (1 - decay) = 2.5 % of the run, as 0.9999 is of 400K steps
+    assert 1 / (1 - evidence.ema_decay_for(3000)) == pytest.approx(75)
+    with pytest.raises(SystemExit):  # checkpoints every 125 steps: the end (1001) is not one of them
+        evidence.parse_args(["--output_dir", "/tmp/unused", "--steps", "1001"])
+    config = dict(patch_size=2, num_layers=6, num_attention_heads=4, attention_head_dim=32, sample_size=8,
+                  in_channels=4, num_classes=10)
+    vanilla = flops.method_flops_per_image("vanilla", config)
+    assert vanilla == 6 * flops.sit_forward_macs(config)
+    st = flops.method_flops_per_image("self_transcendence", config, projector_dim=512, teacher_config=config,
+                                      guiding_layer=4)
+    # + the teacher's forward to block 4, twice, + 3 x the projector (16 tokens x (128*512 + 512*512 + 512*128))
+    expected = vanilla + 2 * 2 * flops.sit_forward_macs(config, num_blocks=4) + 6 * 16 * (2 * 128 * 512 + 512 ** 2)
+    assert st == expected
+    with pytest.raises(ValueError, match="teacher_config"):
+        flops.method_flops_per_image("self_transcendence", config)
+
+
+def test_evidence_smoke_partial_results_and_resume(tmp_path, monkeypatch):
+    out = tmp_path / "ev"
+    argv = ["--smoke", "--output_dir", str(out), "--max_real", "100"]
+
+    # 1. The loss-matched row fails: everything finished before it is already in the results
+    real_run = evidence.run_training
+
+    def failing(script, flags, folder, events):
+        if "w1_loss_matched" in str(folder):
+            raise RuntimeError("simulated kill")
+        return real_run(script, flags, folder, events)
+
+    monkeypatch.setattr(evidence, "run_training", failing)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        evidence.main(argv)
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["runs_finished"] == ["self_transcendence/seed0", "vae_align/seed0", "vanilla/seed0"]
+    assert "| w1_loss_matched | guidance scale | not yet run |" in (out / "results.md").read_text()
+    monkeypatch.setattr(evidence, "run_training", real_run)
+
+    first = [Path(e["run"]).relative_to(out).as_posix() for e in read_events(out)]
+    assert first == ["runs/vae_align/seed0", "runs/vanilla/seed0", "runs/self_transcendence/seed0",
+                     "probes/w1/seed0", "probes/w30/seed0"]
+
+    # 2. Run again: only the missing row trains (the probes are finished runs too)
+    result = evidence.main(argv)
+    new = [Path(e["run"]).relative_to(out).as_posix() for e in read_events(out)[len(first):]]
+    assert new == ["runs/w1_loss_matched/seed0"]
+    lm = result["loss_match"]
+    assert lm["lambda"] == pytest.approx(evidence.DEFAULT_LAMBDA * lm["loss_w30"] / lm["loss_w1"])
+    matched_args = json.loads((out / "runs" / "w1_loss_matched" / "seed0" / "args.json").read_text())
+    assert matched_args["guide_cfg_scale"] == 1.0
+    assert matched_args["guide_loss_weight"] == pytest.approx(lm["lambda"])
+
+    # the curves: vanilla to steps, vanilla charged to steps + stage 1, ST charged its teacher's FLOPs and seconds
+    s = result["summary"]
+    assert [r["step"] for r in s["vanilla"]] == [2, 4] and [r["step"] for r in s["vanilla_charged"]] == [2, 4, 6]
+    st = s["self_transcendence"][-1]
+    teacher_flops = 2 * 8 * result["flops_per_image"]["vae_align"]  # stage 1 = 2 steps of batch 8
+    assert st["flops_charged_mean"] == pytest.approx(st["flops_mean"] + teacher_flops)
+    assert st["flops_amortised_mean"] == pytest.approx(st["flops_mean"] + teacher_flops / 2)  # 2 rows share it
+    assert st["seconds_charged_mean"] > st["seconds_mean"]
+    assert all(np.isfinite(r["fid_mean"]) for rows in s.values() for r in rows)
+    curves = json.loads((out / "loss_curves.json").read_text())
+    assert [step for step, _ in curves["self_transcendence"]["0"]] == [1, 2, 3, 4]
+    for png in ("equal_compute.png", "loss_curves.png"):
+        assert Image.open(out / png).size[0] > 500
+    assert result["convergence"]["verdict"] == "undetermined (1 seed)"
+
+    # 3. Delete one run's final output: only that run is redone (resumed from its own checkpoint), nothing re-scored
+    (out / "runs" / "self_transcendence" / "seed0" / "model_index.json").unlink()
+    before = len(read_events(out))
+    evidence.main(argv)
+    events = read_events(out)[before:]
+    assert [Path(e["run"]).relative_to(out).as_posix() for e in events] == ["runs/self_transcendence/seed0"]
+    assert events[0]["resumed"] is True
+
+
+def write_colour_folder(root: Path, per_class=6, size=32):
+    """Three classes of coloured squares on noise (red / green / blue), deterministic."""
+    rng = np.random.RandomState(0)
+    for c, name in enumerate(("red", "green", "blue")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = rng.randint(0, 60, (size, size, 3)).astype(np.uint8)
+            x, y = rng.randint(0, size // 2, 2)
+            image[y:y + size // 2, x:x + size // 2, c] = 230
+            Image.fromarray(image).save(root / name / f"{i}.png")
+    return root
+
+
+def test_evidence_on_a_colour_folder_trains_its_vae(tmp_path):
+    data = write_colour_folder(tmp_path / "colours")
+    out = tmp_path / "ev"
+    result = evidence.main(["--smoke", "--train_data_dir", str(data), "--rows", "vanilla", "--output_dir", str(out)])
+    vae = out / "vae"
+    assert json.loads((vae / "config.json").read_text())["in_channels"] == 3
+    assert result["vae"]["held_out_images"] >= 1 and np.isfinite(result["vae"]["held_out_psnr"])
+    assert result["vae"]["data"] == str(data)
+    assert "held-out PSNR" in (out / "results.md").read_text()
+    assert [r["step"] for r in result["summary"]["vanilla_charged"]] == [2, 4, 6]
+    assert json.loads((out / "runs" / "vanilla" / "seed0" / "args.json").read_text())["vae_name_or_path"] == str(vae)
