@@ -36,7 +36,6 @@ checkpoint; model and optimizer go through accelerate's FSDP `save_state`), and 
 import argparse
 import hashlib
 import json
-import logging
 import os
 import time
 from datetime import timedelta
@@ -457,7 +456,7 @@ def main(args=None):
                                             logging_dir=str(output_dir / args.logging_dir)),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    T.configure_logging()
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and not accelerator.is_fsdp2:
         # FSDP1 flattens the parameters into FlatParameters: the shard-local EMA below needs FSDP2's DTensors.
@@ -470,14 +469,8 @@ def main(args=None):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         cli.save_args(args, output_dir / "args.json")
-    per_device = args.train_batch_size
-    if per_device is None:
-        denom = accelerator.num_processes * args.gradient_accumulation_steps
-        if args.global_batch_size % denom:
-            raise ValueError(f"--global_batch_size {args.global_batch_size} is not divisible by processes x "
-                             f"accumulation ({denom}).")
-        per_device = args.global_batch_size // denom
-    global_batch = per_device * accelerator.num_processes * args.gradient_accumulation_steps
+    per_device, global_batch = T.batch_sizes(args.global_batch_size, args.train_batch_size,
+                                             accelerator.num_processes, args.gradient_accumulation_steps)
     # frozen parts (VAE, text encoders) in the mixed-precision dtype, as diffusers' SD3 / Flux examples do
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     set_seed(args.seed)
