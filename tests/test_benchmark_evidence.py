@@ -87,6 +87,28 @@ def test_evidence_smoke_partial_results_and_resume(tmp_path, monkeypatch):
     for png in ("equal_compute.png", "loss_curves.png"):
         assert Image.open(out / png).size[0] > 500
     assert result["convergence"]["verdict"] == "undetermined (1 seed)"
+    # equal compute along the run: vanilla's FID at the same cost, interpolated between its own evaluations
+    along = result["equal_compute"]["along_curve"]
+    assert [q["step"] for q in along] == [2, 4]
+    assert along[0]["flops_charged"] == pytest.approx(s["self_transcendence"][0]["flops_charged_mean"])
+    v = s["vanilla_charged"]
+    for q in along:
+        x, y = q["flops_amortised"], q["vanilla_fid_at_flops_amortised"]
+        if x > v[-1]["flops_mean"]:
+            assert y is None
+        else:
+            assert y == pytest.approx(np.interp(x, [r["flops_mean"] for r in v], [r["fid_mean"] for r in v]))
+    report = (out / "results.md").read_text()
+    assert "| ST step | ST FID |" in report
+    # the guide loss is logged only while the guide is on (smoke: guide stop at step 1 of 4)
+    log = evidence.read_log(out / "runs" / "self_transcendence" / "seed0")
+    guide = result["losses"]["self_transcendence"]["loss_guide"][0]
+    expected = [r["loss_guide"] for step, r in log.items() if step <= 2 and r.get("loss_guide")]
+    assert guide[2] == pytest.approx(np.mean(expected)) and guide[4] is None
+    assert "loss_guide" not in result["losses"]["vanilla"] and "| self_transcendence | loss_guide | 1 |" in report
+    # one seed has no spread: no "± 0.00" pretending otherwise; the curve table has every evaluated step
+    assert "± 0.00" not in report and "| vanilla | headline |" in report and "(1 seed) |" in report
+    assert "| row | 2 | 4 | 6 |" in report and "| vanilla_charged (1 seed) |" in report
 
     # 3. Delete one run's final output: only that run is redone (resumed from its own checkpoint), nothing re-scored
     (out / "runs" / "self_transcendence" / "seed0" / "model_index.json").unlink()
