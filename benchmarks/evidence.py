@@ -165,7 +165,7 @@ def all_rows():
     for age in TEACHER_AGES:
         rows[f"teacher_{round(age * 100)}"] = st(group="teacher age", teacher=("vae_align", age), seeds=ABLATION_SEEDS)
     for lam in LAMBDAS:
-        rows[f"lambda_{lam:g}"] = st(group="lambda", lam=lam, seeds=ABLATION_SEEDS)
+        rows[f"lambda_{lam}"] = st(group="lambda", lam=lam, seeds=ABLATION_SEEDS)
     return rows
 
 

@@ -19,6 +19,13 @@ def read_events(out):
     return [json.loads(line) for line in (out / "runs_log.jsonl").read_text().splitlines()]
 
 
+def test_every_row_has_its_paper_number_and_trends_name_rows():
+    rows = evidence.all_rows()
+    assert set(rows) == set(evidence.PAPER_FID)  # the report looks each row up (a missing one crashed a full run)
+    assert {name for t in evidence.TRENDS for name in t[:2]} <= set(rows)
+    assert {"lambda_0.1", "lambda_1.0", "w1", "w60", "teacher_25", "layers_10-6"} <= set(rows)
+
+
 def test_schedule_helpers_and_flops():
     # the paper's 8->6 of 12 blocks on the depth-6 tiny SiT is 4->3 (= the library's 2n/3 -> n/2 defaults)
     assert [evidence.scaled_layer(b, 6) for b in (8, 6, 4, 10)] == [4, 3, 2, 5]
