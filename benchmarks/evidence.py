@@ -561,8 +561,10 @@ def equal_compute_curve(summary):
     """At every evaluated Self-Transcendence step: its FID and vanilla's FID at the same cost (FLOPs and seconds,
     teacher charged and amortised), so "does it win at equal compute" is answered along the run, not only at its end."""
     st, vanilla = summary.get("self_transcendence"), summary.get("vanilla_charged")
+    if not st or not vanilla:
+        return []
     points = []
-    for r in (st or []) if vanilla else []:
+    for r in st:
         point = {"step": r["step"], "st_fid": r["fid_mean"], "st_fid_std": r["fid_std"]}
         for budget in ("charged", "amortised"):
             for key in ("flops", "seconds"):
