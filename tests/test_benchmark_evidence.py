@@ -91,7 +91,7 @@ def test_evidence_smoke_partial_results_and_resume(tmp_path, monkeypatch):
     assert all(np.isfinite(r["fid_mean"]) for rows in s.values() for r in rows)
     curves = json.loads((out / "loss_curves.json").read_text())
     assert [step for step, _ in curves["self_transcendence"]["0"]] == [1, 2, 3, 4]
-    for png in ("equal_compute.png", "loss_curves.png"):
+    for png in ("equal_compute.png", "loss_curves.png", "ablations.png"):
         assert Image.open(out / png).size[0] > 500
     assert result["convergence"]["verdict"] == "undetermined (1 seed)"
     # equal compute along the run: vanilla's FID at the same cost, interpolated between its own evaluations
@@ -116,6 +116,14 @@ def test_evidence_smoke_partial_results_and_resume(tmp_path, monkeypatch):
     # one seed has no spread: no "± 0.00" pretending otherwise; the curve table has every evaluated step
     assert "± 0.00" not in report and "| vanilla | headline |" in report and "(1 seed) |" in report
     assert "| row | 2 | 4 | 6 |" in report and "| vanilla_charged (1 seed) |" in report
+    # trends judged at mid-run (evaluated step nearest half the run) and at the end
+    first_trend = result["trends"][0]
+    assert (first_trend["better"], first_trend["worse"]) == ("self_transcendence", "vanilla")
+    assert first_trend["mid"]["step"] == 2 and first_trend["end"]["step"] == 4
+    assert first_trend["mid"]["fid_difference"] == pytest.approx(s["vanilla"][0]["fid_mean"]
+                                                                 - s["self_transcendence"][0]["fid_mean"])
+    assert first_trend["end"]["verdict"] == "undetermined (1 seed)"
+    assert "| row | group | feature-FID at 2 | feature-FID at 4 |" in report
 
     # 3. Delete one run's final output: only that run is redone (resumed from its own checkpoint), nothing re-scored
     (out / "runs" / "self_transcendence" / "seed0" / "model_index.json").unlink()
@@ -124,6 +132,14 @@ def test_evidence_smoke_partial_results_and_resume(tmp_path, monkeypatch):
     events = read_events(out)[before:]
     assert [Path(e["run"]).relative_to(out).as_posix() for e in events] == ["runs/self_transcendence/seed0"]
     assert events[0]["resumed"] is True
+
+    # 4. --report_only trains nothing: an unfinished run is left out of the results, the finished ones are kept
+    (out / "runs" / "w1_loss_matched" / "seed0" / "model_index.json").unlink()
+    before = len(read_events(out))
+    report = evidence.main(argv + ["--report_only"])
+    assert len(read_events(out)) == before
+    assert "w1_loss_matched/seed0" not in report["runs_finished"] and "vanilla/seed0" in report["runs_finished"]
+    assert "| w1_loss_matched | guidance scale | not yet run |" in (out / "results.md").read_text()
 
 
 def write_colour_folder(root: Path, per_class=6, size=32):
