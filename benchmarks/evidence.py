@@ -39,6 +39,9 @@ Self-Transcendence run; "teacher amortised" adds them divided by the number of r
     python benchmarks/evidence.py --train_data_dir my_class_folders --resolution 32 --output_dir bench_mine
     python benchmarks/evidence.py --smoke --output_dir /tmp/smoke             # the plumbing, ~1 min; tests run this
     python benchmarks/evidence.py --output_dir bench_evidence --report_only   # rewrite the results, train nothing
+    # a benchmark split over machines or days (an output folder lost in between): the runs finished in the earlier
+    # output are reported from its results.json / loss_curves.json and not trained again (settings must match)
+    python benchmarks/evidence.py --output_dir bench_day2 --merge_results benchmarks/results/evidence
 """
 
 import argparse
@@ -140,6 +143,11 @@ ABLATION_SEEDS = (0, 1)  # the other ablations: at least 2
 SMOKE_MODEL = {"patch_size": 2, "num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 16}
 SMOKE_ROWS = ("vanilla", "vae_align", "self_transcendence", "w1_loss_matched")
 LOG_TAIL_CHARS = 3000
+# What must be equal for runs of an earlier output to be reported beside these (--merge_results); the model is compared
+# through its FLOPs per image, its path may differ between machines.
+MERGE_SETTINGS = ("train_data_dir", "vae_name_or_path", "resolution", "steps", "batch_size", "learning_rate",
+                  "ema_decay", "projector_dim", "samples_per_class", "sampling_steps", "max_real", "eval_every",
+                  "stage1_steps", "guide_stop_step", "smoke")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -201,6 +209,11 @@ def parse_args(input_args=None):
     p.add_argument("--smoke", action="store_true", help="A tiny model, 4 steps, 1 seed, 4 rows: the plumbing.")
     p.add_argument("--report_only", action="store_true",
                    help="Train nothing: score the finished runs (cached scores are reused) and rewrite the results.")
+    p.add_argument("--merge_results", type=str, default=None,
+                   help="An earlier output folder (its results.json and loss_curves.json, e.g. "
+                        "benchmarks/results/evidence): the runs finished there and not here are reported from it and "
+                        "not trained again, so a benchmark split over machines or days reports as one. Its settings "
+                        "must match these.")
     args = p.parse_args(input_args)
     rows = all_rows()
     if args.rows is None:
@@ -226,6 +239,12 @@ def parse_args(input_args=None):
     # the evaluated step nearest TREND_MID_FRACTION of the run
     args.mid_step = max(args.eval_every, args.eval_every * round(TREND_MID_FRACTION * args.steps / args.eval_every))
     check_schedule(args, rows, p.error)
+    if args.merge_results:
+        previous = json.loads((Path(args.merge_results) / "results.json").read_text())["settings"]
+        differ = {k: (previous.get(k), getattr(args, k)) for k in MERGE_SETTINGS if previous.get(k) != getattr(args, k)
+                  and not (isinstance(previous.get(k), float) and math.isclose(previous[k], getattr(args, k)))}
+        if differ:
+            p.error(f"--merge_results {args.merge_results} ran with other settings (there, here): {differ}.")
     return args
 
 
@@ -409,13 +428,54 @@ def run_flops(args, ctx, name, row, folder, step):
     return images * (guided * per_image + (step - guided) * ctx["flops"]["vanilla"])
 
 
-def teacher_cost(args, ctx, row, folder_log_cache):
-    """(FLOPs, seconds) of the guiding model's training up to its age."""
-    kind, _ = row["teacher"]
-    step = teacher_step(args, row["teacher"])
-    folder = run_folder(ctx["out"], kind, TEACHER_SEED)
-    log = folder_log_cache.setdefault(folder, read_log(folder))
-    return step * args.batch_size * ctx["flops"][kind], log[step]["train_seconds"]
+def teacher_flops(args, ctx, row):
+    """Training FLOPs of the guiding model up to its age."""
+    return teacher_step(args, row["teacher"]) * args.batch_size * ctx["flops"][row["teacher"][0]]
+
+
+def teacher_seconds(args, ctx, row, logs):
+    """Training seconds of the guiding model up to its age, from its log here."""
+    folder = run_folder(ctx["out"], row["teacher"][0], TEACHER_SEED)
+    return logs.setdefault(folder, read_log(folder))[teacher_step(args, row["teacher"])]["train_seconds"]
+
+
+def local_run(args, ctx, name, row, seed, max_step, logs):
+    """(points, loss curve, loss windows) of a run finished and scored here, from its folder; None if it is not."""
+    evals = ctx["evals"].get((name, seed))
+    if not evals:
+        return None
+    folder = run_folder(ctx["out"], name, seed)
+    log = logs.setdefault(folder, read_log(folder))
+    points = [{"step": step, **metrics, "seconds": log[step]["train_seconds"],
+               "flops": run_flops(args, ctx, name, row, folder, step)}
+              for step, metrics in sorted(evals.items()) if step <= max_step]
+    if row["kind"] == "st":
+        for point in points:
+            point["teacher_seconds"] = teacher_seconds(args, ctx, row, logs)
+    loss_curve = [[s, round(r["loss_diff"], 6)] for s, r in sorted(log.items()) if s <= max_step]
+    windows = [0] + [p["step"] for p in points]
+    losses = {}
+    for key in ("loss_diff", "loss_guide"):
+        means = [window_mean(log, key, a, b) for a, b in zip(windows, windows[1:])]
+        if any(m is not None for m in means):
+            losses[key] = dict(zip(windows[1:], means))
+    return points, loss_curve, losses
+
+
+def merged_run(ctx, view, name, seed):
+    """(points, loss curve, loss windows) of a run taken from --merge_results's output; None if it is not one.
+    Points keep what was measured there: FIDs, the run's seconds and its teacher's (on the machine it trained on)."""
+    if (name, seed) not in ctx["merged"]:
+        return None
+    previous = ctx["previous"]
+    own = ("step", "fid", "accuracy", "seconds", "flops", "teacher_seconds")
+    points = [{k: p[k] for k in own if k in p} for p in previous["results"]["curves"][view][str(seed)]]
+    for p, there in zip(points, previous["results"]["curves"][view][str(seed)]):
+        if "seconds_charged" in there and "teacher_seconds" not in there:  # written before teacher_seconds was kept
+            p["teacher_seconds"] = there["seconds_charged"] - there["seconds"]
+    losses = {key: {int(step): v for step, v in by_seed[str(seed)].items()}
+              for key, by_seed in previous["results"]["losses"].get(name, {}).items() if str(seed) in by_seed}
+    return points, previous["loss_curves"][name][str(seed)], losses
 
 
 def collect(args, ctx, rows):
@@ -432,33 +492,22 @@ def collect(args, ctx, rows):
     for view, name, max_step in views:
         row = rows[name]
         for seed in row_seeds(args, row):
-            folder = run_folder(ctx["out"], name, seed)
-            evals = ctx["evals"].get((name, seed))
-            if not evals:
+            run = local_run(args, ctx, name, row, seed, max_step, logs) or merged_run(ctx, view, name, seed)
+            if run is None:
                 continue
-            log = logs.setdefault(folder, read_log(folder))
-            points = []
-            for step, metrics in sorted(evals.items()):
-                if step > max_step:
-                    continue
-                point = {"step": step, **metrics, "seconds": log[step]["train_seconds"],
-                         "flops": run_flops(args, ctx, name, row, folder, step)}
-                if row["kind"] == "st":
-                    t_flops, t_secs = teacher_cost(args, ctx, row, logs)
-                    n = shares[row["teacher"][0]]
+            points, loss_curve, run_losses = run
+            if row["kind"] == "st":  # the teacher's cost; its seconds measured where the run trained
+                t_flops, n = teacher_flops(args, ctx, row), shares[row["teacher"][0]]
+                for point in points:
+                    t_secs = point["teacher_seconds"]
                     point.update(flops_charged=point["flops"] + t_flops, seconds_charged=point["seconds"] + t_secs,
                                  flops_amortised=point["flops"] + t_flops / n,
                                  seconds_amortised=point["seconds"] + t_secs / n, teacher_shared_by=n)
-                points.append(point)
             curves.setdefault(view, {})[seed] = points
             if view == name:
-                loss_curves.setdefault(name, {})[seed] = [[s, round(r["loss_diff"], 6)] for s, r in sorted(log.items())
-                                                          if s <= max_step]
-                windows = [0] + [p["step"] for p in points]
-                for key in ("loss_diff", "loss_guide"):
-                    means = [window_mean(log, key, a, b) for a, b in zip(windows, windows[1:])]
-                    if any(m is not None for m in means):
-                        losses.setdefault(name, {}).setdefault(key, {})[seed] = dict(zip(windows[1:], means))
+                loss_curves.setdefault(name, {})[seed] = loss_curve
+                for key, windows in run_losses.items():
+                    losses.setdefault(name, {}).setdefault(key, {})[seed] = windows
     return curves, loss_curves, losses
 
 
@@ -554,12 +603,14 @@ def write_results(args, ctx, rows):
     result = {"settings": {k: v for k, v in vars(args).items()}, "flops_per_image": ctx["flops"],
               "vae": ctx["vae_metrics"], "loss_match": ctx["loss_match"], "convergence": flat,
               "equal_compute": equal, "trends": trends, "summary": summary, "curves": curves, "losses": losses,
-              "runs_finished": sorted(f"{n}/seed{s}" for (n, s) in ctx["evals"]), "machine": os.uname().machine}
+              "runs_finished": sorted(f"{n}/seed{s}" for (n, s) in set(ctx["evals"]) | ctx["merged"]),
+              "runs_merged": {"from": args.merge_results, "runs": sorted(f"{n}/seed{s}" for (n, s) in ctx["merged"])},
+              "machine": os.uname().machine}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "loss_curves.json").write_text(json.dumps(loss_curves))
     (out / "results.md").write_text(report_markdown(args, ctx, rows, final, mid, flat, trends, equal, summary,
                                                           losses))
-    plot(args, summary, loss_curves, out)
+    plot(args, rows, summary, loss_curves, out)
     return result
 
 
@@ -626,7 +677,10 @@ def report_markdown(args, ctx, rows, final, mid, flat, trends, equal, summary, l
              f"{args.eval_every} steps; feature-FID of {args.samples_per_class} samples/class (Euler "
              f"{args.sampling_steps}, no CFG). Data: {ctx['data_dir']}; VAE {ctx['vae']}"
              + (f" (held-out PSNR {ctx['vae_metrics']['held_out_psnr']:.1f} dB)" if ctx["vae_metrics"] else "") + ".",
-             "", f"Convergence: the last {FLAT_TAIL_FRACTION:.0%} of vanilla's curve is **{flat['verdict']}**"
+             "", *([f"{len(ctx['merged'])} of the runs finished in {args.merge_results} (not here) and are "
+                    "reported from its results.json and loss_curves.json (--merge_results).", ""]
+                   if ctx["merged"] else []),
+             f"Convergence: the last {FLAT_TAIL_FRACTION:.0%} of vanilla's curve is **{flat['verdict']}**"
              + (f" (FID moved {flat['fid_change']:.2f} from step {flat['from_step']} to {flat['to_step']}, seed std "
                 f"{flat['seed_std']:.2f})." if "fid_change" in flat else "."), "",
              "## Equal compute", ""]
@@ -692,7 +746,15 @@ def report_markdown(args, ctx, rows, final, mid, flat, trends, equal, summary, l
     return "\n".join(lines)
 
 
-def plot(args, summary, loss_curves, out: Path):
+def fid_band(ax, xs, rows, label, color, marker="o", **style):
+    """A row's mean FID over seeds at xs, with a ± std band."""
+    mean = np.array([r["fid_mean"] for r in rows])
+    std = np.array([r["fid_std"] for r in rows])
+    ax.plot(xs, mean, marker=marker, label=label, color=color, **style)
+    ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=color)
+
+
+def plot(args, rows, summary, loss_curves, out: Path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -700,27 +762,23 @@ def plot(args, summary, loss_curves, out: Path):
 
     colors = {}  # one colour per row on every panel (Self-Transcendence's two costs differ by line style)
 
-    def band(ax, xs, rows, label, **style):
-        color = colors.setdefault(label.split(" ")[0], f"C{len(colors)}")
-        mean = np.array([r["fid_mean"] for r in rows])
-        std = np.array([r["fid_std"] for r in rows])
-        ax.plot(xs, mean, marker="o", label=label, color=color, **style)
-        ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=color)
+    def band(ax, xs, points, label, **style):
+        fid_band(ax, xs, points, label, colors.setdefault(label.split(" ")[0], f"C{len(colors)}"), **style)
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for view, rows in summary.items():
-        if not rows or view not in ("vanilla_charged", "vae_align", "self_transcendence"):
+    for view, series in summary.items():
+        if not series or view not in ("vanilla_charged", "vae_align", "self_transcendence"):
             continue
-        band(axes[0], [r["step"] for r in rows], rows, view)
+        band(axes[0], [r["step"] for r in series], series, view)
         if view == "self_transcendence":
             for i, kind in ((1, "flops"), (2, "seconds")):
-                band(axes[i], [r[f"{kind}_charged_mean"] for r in rows], rows, "self_transcendence (teacher charged)",
-                     linewidth=2.5)
-                band(axes[i], [r[f"{kind}_amortised_mean"] for r in rows], rows,
+                band(axes[i], [r[f"{kind}_charged_mean"] for r in series], series,
+                     "self_transcendence (teacher charged)", linewidth=2.5)
+                band(axes[i], [r[f"{kind}_amortised_mean"] for r in series], series,
                      "self_transcendence (teacher amortised)", linestyle="--")
         else:
-            band(axes[1], [r["flops_mean"] for r in rows], rows, view)
-            band(axes[2], [r["seconds_mean"] for r in rows], rows, view)
+            band(axes[1], [r["flops_mean"] for r in series], series, view)
+            band(axes[2], [r["seconds_mean"] for r in series], series, view)
     for ax, label in zip(axes, ("training steps", "training FLOPs", "training seconds (measured)")):
         ax.set_xlabel(label)
         ax.set_ylabel("feature-FID (lower is better, log scale)")
@@ -751,20 +809,16 @@ def plot(args, summary, loss_curves, out: Path):
 
     # The ablations: one panel per group, each row against the full row and vanilla (mean ± std over seeds)
     groups = ("table4", "guidance scale", "layers", "teacher age", "lambda")
-    rows = all_rows()
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.2), sharey=True)
     for ax, group in zip(axes, groups):
         names = [n for n in ("vanilla", "self_transcendence") if summary.get(n)]
         names += [n for n in rows if rows[n]["group"] == group and n not in names and summary.get(n)]
         for i, name in enumerate(names):
             series = summary[name]
-            style = ({"color": "0.5", "linestyle": "--"} if name == "vanilla" else
-                     {"color": "k", "linewidth": 2.0} if name == "self_transcendence" else {"color": f"C{i}"})
-            mean = np.array([r["fid_mean"] for r in series])
-            std = np.array([r["fid_std"] for r in series])
-            steps = [r["step"] for r in series]
-            ax.plot(steps, mean, marker=".", label=f"{name} ({series[0]['seeds']} seeds)", **style)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.12, color=style["color"])
+            color, style = (("0.5", {"linestyle": "--"}) if name == "vanilla" else
+                            ("k", {"linewidth": 2.0}) if name == "self_transcendence" else (f"C{i}", {}))
+            fid_band(ax, [r["step"] for r in series], series, f"{name} ({series[0]['seeds']} seeds)", color,
+                     marker=".", **style)
         ax.set_title(group)
         ax.set_xlabel("training steps")
         ax.set_yscale("log")
@@ -820,6 +874,28 @@ def prepare_data(args, out: Path, events: Path):
             "num_classes": num_classes, "classifier": classifier, "evals": {}, "loss_match": None}
 
 
+def load_merged(args, ctx, rows):
+    """ctx["previous"] (--merge_results's results.json and loss_curves.json) and ctx["merged"]: the (row, seed) runs
+    finished there and not here, which are reported from it."""
+    ctx["previous"], ctx["merged"] = None, set()
+    if not args.merge_results:
+        return
+    folder = Path(args.merge_results)
+    previous = {"results": json.loads((folder / "results.json").read_text()),
+                "loss_curves": json.loads((folder / "loss_curves.json").read_text())}
+    there = previous["results"]["flops_per_image"]["vanilla"]
+    if not math.isclose(there, ctx["flops"]["vanilla"]):
+        raise ValueError(f"--merge_results {folder} trained another model ({there:.4g} FLOPs per image, here "
+                         f"{ctx['flops']['vanilla']:.4g}): its runs cannot be reported beside these.")
+    finished = {(r.rsplit("/seed", 1)[0], int(r.rsplit("/seed", 1)[1])) for r in previous["results"]["runs_finished"]}
+    ctx["previous"] = previous
+    ctx["merged"] = {(name, seed) for name, seed in finished
+                     if name in args.rows and seed in row_seeds(args, rows[name])
+                     and not (run_folder(ctx["out"], name, seed) / "model_index.json").exists()}
+    if any(name == "w1_loss_matched" for name, _ in ctx["merged"]):  # its lambda (a local run's probes redo it)
+        ctx["loss_match"] = previous["results"]["loss_match"]
+
+
 def main(args=None):
     args = args if isinstance(args, argparse.Namespace) else parse_args(args)
     from diffusers_selftrans import training as T
@@ -842,11 +918,14 @@ def main(args=None):
             ctx["flops"][name] = F.method_flops_per_image(
                 "self_transcendence", config, projector_dim=args.projector_dim, teacher_config=config,
                 guiding_layer=scaled_layer(rows[name]["layers"][0], depth))
+    load_merged(args, ctx, rows)
 
-    # Order: the shared teacher(s) first, then each row's seeds; results are rewritten after every run
-    needed_kinds = {rows[n]["teacher"][0] for n in args.rows if rows[n]["kind"] == "st"}
+    # Order: the shared teacher(s) first, then each row's seeds; results are rewritten after every run. A run taken
+    # from --merge_results is not trained, unless it is the teacher of a run that is.
+    runs = [(name, seed) for name in args.rows for seed in row_seeds(args, rows[name])]
+    needed_kinds = {rows[n]["teacher"][0] for n, s in runs if rows[n]["kind"] == "st" and (n, s) not in ctx["merged"]}
     order = [(k, TEACHER_SEED) for k in ("vae_align", "vanilla") if k in needed_kinds]
-    order += [(name, seed) for name in args.rows for seed in row_seeds(args, rows[name]) if (name, seed) not in order]
+    order += [run for run in runs if run not in order and run not in ctx["merged"]]
     for name, seed in order:
         row = rows[name]
         folder = run_folder(out, name, seed)
@@ -869,6 +948,7 @@ def main(args=None):
         if name in args.rows:
             max_step = run_length(args, "vanilla") if name == "vanilla" else args.steps
             ctx["evals"][(name, seed)] = evaluate_run(folder, args, ctx, max_step)
+            ctx["merged"].discard((name, seed))  # a merged teacher trained here again is reported from here
         write_results(args, ctx, rows)  # partial results after every run
     result = write_results(args, ctx, rows)
     print((out / "results.md").read_text())

@@ -166,3 +166,54 @@ def test_evidence_on_a_colour_folder_trains_its_vae(tmp_path):
     assert "held-out PSNR" in (out / "results.md").read_text()
     assert [r["step"] for r in result["summary"]["vanilla_charged"]] == [2, 4, 6]
     assert json.loads((out / "runs" / "vanilla" / "seed0" / "args.json").read_text())["vae_name_or_path"] == str(vae)
+
+
+def test_evidence_merges_runs_finished_elsewhere(tmp_path, capsys):
+    """A benchmark split over two machines (or over days whose disks are gone) reports as one: runs finished in
+    --merge_results's output are reported from its files, with their teacher's cost, and not trained again."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["--smoke", "--max_real", "100"]
+    a = evidence.main(base + ["--output_dir", str(first), "--rows", "vae_align", "self_transcendence"])
+    argv = base + ["--output_dir", str(second), "--merge_results", str(first), "--rows", "vanilla", "vae_align",
+                   "self_transcendence"]
+    b = evidence.main(argv)
+    # only vanilla trains here: the teacher is not retrained, no run here needs it
+    assert [Path(e["run"]).relative_to(second).as_posix() for e in read_events(second)] == ["runs/vanilla/seed0"]
+    assert b["runs_merged"] == {"from": str(first), "runs": ["self_transcendence/seed0", "vae_align/seed0"]}
+    assert b["runs_finished"] == ["self_transcendence/seed0", "vae_align/seed0", "vanilla/seed0"]
+    for view in ("vae_align", "self_transcendence"):
+        # FIDs, seconds and FLOPs as measured there, the teacher's seconds too (no teacher here to read them from)
+        assert b["curves"][view][0] == a["curves"][view][0]
+        assert b["losses"][view] == a["losses"][view]
+    assert b["curves"]["self_transcendence"][0][-1]["seconds_charged"] > b["curves"]["self_transcendence"][0][-1][
+        "seconds"]
+    curves_a, curves_b = (json.loads((d / "loss_curves.json").read_text()) for d in (first, second))
+    assert curves_b["self_transcendence"] == curves_a["self_transcendence"] and "vanilla" in curves_b
+    assert [t["end"]["step"] for t in b["trends"] if t["worse"] == "vanilla"] == [4, 4]  # both rows beside vanilla
+    assert "2 of the runs finished in" in (second / "results.md").read_text()
+
+    # a row to train here that needs the merged teacher: the teacher is trained here, and reported from here
+    b2 = evidence.main(argv + ["w15"])
+    new = [Path(e["run"]).relative_to(second).as_posix() for e in read_events(second)[1:]]
+    assert new == ["runs/vae_align/seed0", "runs/w15/seed0"]
+    assert b2["runs_merged"]["runs"] == ["self_transcendence/seed0"]
+    # the merged run keeps the teacher seconds measured where it trained, not this machine's retrained teacher's
+    # (amortised over the 2 rows that share the teacher here, 1 there)
+    keys = ("step", "fid", "accuracy", "seconds", "flops", "flops_charged", "seconds_charged")
+    assert [{k: p[k] for k in keys} for p in b2["curves"]["self_transcendence"][0]] == [
+        {k: p[k] for k in keys} for p in a["curves"]["self_transcendence"][0]]
+    teacher_here = evidence.read_log(second / "runs" / "vae_align" / "seed0")[2]["train_seconds"]
+    w15 = b2["curves"]["w15"][0][-1]
+    assert w15["seconds_charged"] == pytest.approx(w15["seconds"] + teacher_here)
+
+    # other settings than the merged output's: a clear error before anything runs
+    with pytest.raises(SystemExit):
+        evidence.parse_args(base + ["--output_dir", str(tmp_path / "third"), "--merge_results", str(first),
+                                    "--learning_rate", "0.01"])
+    assert "ran with other settings" in capsys.readouterr().err
+    # another model (its FLOPs per image differ from the merged output's)
+    with pytest.raises(ValueError, match="trained another model"):
+        evidence.load_merged(evidence.parse_args(base + ["--output_dir", str(tmp_path / "third"), "--merge_results",
+                                                         str(first)]),
+                             {"out": tmp_path / "third", "loss_match": None, "flops": {"vanilla": 1.0}},
+                             evidence.all_rows())
