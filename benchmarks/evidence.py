@@ -450,8 +450,9 @@ def local_run(args, ctx, name, row, seed, max_step, logs):
                "flops": run_flops(args, ctx, name, row, folder, step)}
               for step, metrics in sorted(evals.items()) if step <= max_step]
     if row["kind"] == "st":
+        seconds = teacher_seconds(args, ctx, row, logs)
         for point in points:
-            point["teacher_seconds"] = teacher_seconds(args, ctx, row, logs)
+            point["teacher_seconds"] = seconds
     loss_curve = [[s, round(r["loss_diff"], 6)] for s, r in sorted(log.items()) if s <= max_step]
     windows = [0] + [p["step"] for p in points]
     losses = {}
@@ -470,9 +471,6 @@ def merged_run(ctx, view, name, seed):
     previous = ctx["previous"]
     own = ("step", "fid", "accuracy", "seconds", "flops", "teacher_seconds")
     points = [{k: p[k] for k in own if k in p} for p in previous["results"]["curves"][view][str(seed)]]
-    for p, there in zip(points, previous["results"]["curves"][view][str(seed)]):
-        if "seconds_charged" in there and "teacher_seconds" not in there:  # written before teacher_seconds was kept
-            p["teacher_seconds"] = there["seconds_charged"] - there["seconds"]
     losses = {key: {int(step): v for step, v in by_seed[str(seed)].items()}
               for key, by_seed in previous["results"]["losses"].get(name, {}).items() if str(seed) in by_seed}
     return points, previous["loss_curves"][name][str(seed)], losses
