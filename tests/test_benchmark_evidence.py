@@ -24,6 +24,11 @@ def test_every_row_has_its_paper_number_and_trends_name_rows():
     assert set(rows) == set(evidence.PAPER_FID)  # the report looks each row up (a missing one crashed a full run)
     assert {name for t in evidence.TRENDS for name in t[:2]} <= set(rows)
     assert {"lambda_0.1", "lambda_1.0", "w1", "w60", "teacher_25", "layers_10-6"} <= set(rows)
+    # the full row run again beside the ablations: its settings exactly, and the same-day rows judged against it
+    same = lambda row: {k: v for k, v in row.items() if k not in ("group", "seeds")}  # noqa: E731
+    assert same(rows[evidence.RERUN_ROW]) == same(rows["self_transcendence"])
+    judged = {worse for better, worse, _ in evidence.TRENDS if better == evidence.RERUN_ROW}
+    assert {"self_transcendence", "layers_8-8", "teacher_25", "teacher_50", "lambda_0.1"} <= judged
 
 
 def test_schedule_helpers_and_flops():
