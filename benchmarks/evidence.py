@@ -144,10 +144,7 @@ TRENDS = (
     (RERUN_ROW, "layers_10-6", "Table 5, same teacher: 8->6 beats 10->6"),
     (RERUN_ROW, "teacher_25", "Table 5, same teacher: a trained teacher (100 %) beats a young one (25 %)"),
     (RERUN_ROW, "teacher_50", "Table 5, same teacher: a trained teacher (100 %) beats a half-trained one (50 %)"),
-    (RERUN_ROW, "lambda_0.1", "Table 5, same teacher: lambda 0.5 beats 0.1"),
-    (RERUN_ROW, "lambda_0.3", "Table 5, same teacher: lambda 0.5 beats 0.3"),
-    (RERUN_ROW, "lambda_0.7", "Table 5, same teacher: lambda 0.5 beats 0.7"),
-    (RERUN_ROW, "lambda_1.0", "Table 5, same teacher: lambda 0.5 beats 1.0"),
+    *((RERUN_ROW, f"lambda_{lam}", f"Table 5, same teacher: lambda 0.5 beats {lam}") for lam in LAMBDAS),
 )
 # Loss-matched control: the initial guide loss of w = 1 and w = 30, averaged over this many first batches of probe runs
 # at learning rate 0 (the weights never move, so every batch sees the initial student and projector).
