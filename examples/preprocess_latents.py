@@ -48,6 +48,7 @@ from diffusers_selftrans.data import (
     save_latent_shard,
 )
 from diffusers_selftrans.cli import add_data_args
+from diffusers_selftrans.provenance import check_provenance, vae_encoder_identity
 
 
 logger = get_logger(__name__)
@@ -110,12 +111,10 @@ def _completed_shards(output_dir: str, expected: Dict[str, str], rank: int) -> i
     done = set()
     for path in list_latent_shards(output_dir):
         metadata = read_latent_shard_metadata(path)
-        different = {k: (metadata.get(k), v) for k, v in expected.items() if k != "rank" and metadata.get(k) != v}
-        if different:
-            raise ValueError(
-                f"{path} was written with other settings {different} (found, now). Use a new --output_dir or re-run "
-                f"with the original settings and number of processes."
-            )
+        # a key the shard lacks is compared too (as None): it comes from a version that did not record it
+        check_provenance(path, {k: metadata.get(k) for k in expected}, {k: v for k, v in expected.items() if k != "rank"},
+                         remedy="Use a new --output_dir, or re-run with the original settings, VAE and number of "
+                                "processes.")
         shard, shard_rank = (int(g) for g in LATENT_SHARD_RE.search(os.path.basename(path)).groups())
         if shard_rank == rank:
             done.add(shard)
@@ -170,13 +169,15 @@ def main(args: Optional[argparse.Namespace] = None) -> Dict:
         os.remove(stats_path)
     state.wait_for_everyone()
 
-    # 1. Resume point (checked first: a run with other settings fails before any work), data and VAE.
+    # 1. VAE, resume point (a run with other settings or another VAE fails before any work), data.
+    vae = AutoencoderKL.from_pretrained(args.vae_name_or_path, subfolder=args.vae_subfolder)
+    vae_identity = vae_encoder_identity(vae)  # of the weights as stored, before any --vae_dtype cast
+    vae = vae.to(state.device, dtype=dtype).eval().requires_grad_(False)
     metadata = _shard_metadata(args, rank, world_size)
+    metadata["vae_encoder"] = json.dumps(vae_identity, sort_keys=True)
     first_shard = _completed_shards(args.output_dir, metadata, rank)
     with state.main_process_first():  # the Arrow cache of local data is built once
         source = ImageSource(DataConfig.from_namespace(args))
-    vae = AutoencoderKL.from_pretrained(args.vae_name_or_path, subfolder=args.vae_subfolder)
-    vae = vae.to(state.device, dtype=dtype).eval().requires_grad_(False)
     downsample = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_shape = (vae.config.latent_channels, args.resolution // downsample, args.resolution // downsample)
 
@@ -275,6 +276,7 @@ def main(args: Optional[argparse.Namespace] = None) -> Dict:
             "format_version": LATENT_FORMAT_VERSION,
             "vae_name_or_path": args.vae_name_or_path,
             "vae_subfolder": args.vae_subfolder,
+            "vae_encoder": vae_identity,  # compared with the training run's VAE (data/latents.check_latent_stats)
             "scaling_factor": float(vae.config.scaling_factor),
             "shift_factor": 0.0 if shift_factor is None else float(shift_factor),
             "latent_channels": latent_shape[0],

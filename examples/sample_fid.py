@@ -46,6 +46,7 @@ from diffusers_selftrans.evaluation import (
     sampling_info,
     write_sampling_info,
 )
+from diffusers_selftrans.provenance import check_provenance, module_digest
 
 
 logger = get_logger(__name__)
@@ -64,6 +65,8 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 _RESUME_KEYS = (
     "pipeline", "torch_dtype", "sampler", "scheduler_config", "num_inference_steps", "guidance_scale",
     "guidance_interval", "num_samples", "num_classes", "seed",
+    # the weights themselves: a model retrained into the same folder keeps its path
+    "transformer_digest", "vae_digest",
 )
 
 
@@ -140,13 +143,9 @@ def check_resumable(info_path: str, info: dict) -> None:
         return
     with open(info_path, encoding="utf-8") as f:
         previous = json.load(f).get("sampling", {})
-    info = json.loads(json.dumps(info, default=str))  # compare as stored (tuples become lists)
-    changed = {key: (previous.get(key), info[key]) for key in _RESUME_KEYS if previous.get(key) != info[key]}
-    if changed:
-        raise ValueError(
-            f"{os.path.dirname(info_path)} holds samples drawn with other settings {changed} (old, new); "
-            "use another --output_dir."
-        )
+    # every key is compared, also one the earlier run did not record (an older version: its weights are unknown)
+    check_provenance(f"the samples in {os.path.dirname(info_path)}", {k: previous.get(k) for k in _RESUME_KEYS},
+                     {k: info[k] for k in _RESUME_KEYS}, remedy="Use another --output_dir.")
 
 
 def compute_metrics(args, npz_path: str, labels, device) -> dict:
@@ -205,7 +204,8 @@ def main(args):
         guidance_scale=args.guidance_scale,
         guidance_interval=tuple(args.guidance_interval),
     )
-    info.update(pipeline=args.pipeline_name_or_path, torch_dtype=args.torch_dtype)
+    info.update(pipeline=args.pipeline_name_or_path, torch_dtype=args.torch_dtype,
+                transformer_digest=module_digest(pipeline.transformer), vae_digest=module_digest(pipeline.vae))
     info_path = os.path.join(args.output_dir, SAMPLING_INFO_NAME)
     check_resumable(info_path, info)  # on every process, so that all of them stop together
     accelerator.wait_for_everyone()

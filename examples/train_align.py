@@ -32,10 +32,12 @@ from diffusers.training_utils import EMAModel
 
 from diffusers_selftrans import SiTTransformer2DModel, cli, hub
 from diffusers_selftrans import checkpointing as C
+from diffusers_selftrans import runs as R
 from diffusers_selftrans import training as T
 from diffusers_selftrans.alignment import build_alignment
 from diffusers_selftrans.cli import alignment_options  # noqa: F401  (flags -> method options; tests use it here)
 from diffusers_selftrans.data import DataConfig, TrainDataStream
+from diffusers_selftrans.provenance import vae_encoder_identity
 from diffusers_selftrans.transport import Transport
 
 logger = get_logger(__name__)
@@ -81,7 +83,7 @@ def main(args=None):
     args = args if isinstance(args, argparse.Namespace) else parse_args(args)
     output_dir = Path(args.output_dir)
 
-    # 1. Accelerator, output folder, batch sizes
+    # 1. Accelerator, the output folder (locked for this run; a fresh run needs it empty), batch sizes
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -92,9 +94,16 @@ def main(args=None):
     T.configure_logging()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
+    args.run_id = (args.resume_from_checkpoint and R.folder_run_id(output_dir)) or R.new_run_id()
+    lock = R.lock_output_dir(accelerator, output_dir, args.run_id, break_lock=args.break_run_lock)
+    resume = C.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir,
+                                         num_processes=accelerator.num_processes,
+                                         allow_inexact=args.allow_inexact_resume)
+    if resume is None:
+        R.check_fresh_output_dir(accelerator, output_dir, overwrite=args.overwrite_output_dir,
+                                 resume_requested=bool(args.resume_from_checkpoint))
+    if accelerator.is_main_process:  # args.json once the set-up passed its checks (a failed start leaves nothing)
         output_dir.mkdir(parents=True, exist_ok=True)
-        cli.save_args(args, output_dir / "args.json")
     per_device, global_batch = T.batch_sizes(args.global_batch_size, args.train_batch_size,
                                              accelerator.num_processes, args.gradient_accumulation_steps)
 
@@ -118,7 +127,7 @@ def main(args=None):
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     method = build_alignment(args.alignment, model.config, **cli.alignment_options(args, args.alignment))
-    if accelerator.is_main_process:  # again, with what the data resolved (steps per epoch, max steps)
+    if accelerator.is_main_process:  # with what the data resolved (steps per epoch, max steps)
         cli.save_args(args, output_dir / "args.json")
     heads = method.trainable_modules()  # projectors / heads: prepared (DDP) on their own, never the method object
     ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,
@@ -141,15 +150,18 @@ def main(args=None):
     transport = Transport(time_sampling=args.time_sampling)
     guard = T.NonFiniteGuard(accelerator, args.max_nonfinite_steps, explosion_factor=args.loss_explosion_factor)
 
-    # 4. Resume: a complete checkpoint (manifest), with the flags that may change applied and the others refused
+    # 4. Resume: a complete checkpoint (manifest) of the same data, processes and VAE (provenance), with the flags
+    #    that may change applied and the others refused
+    provenance = C.checkpoint_provenance(num_classes=stream.num_classes, id2label=stream.id2label,
+                                         dataset_size=dataset_size, num_processes=accelerator.num_processes,
+                                         global_batch_size=global_batch, vae_encoder=vae_encoder_identity(vae))
     global_step, args.resume_history = 0, []
-    resume = C.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir,
-                                         num_processes=accelerator.num_processes,
-                                         allow_inexact=args.allow_inexact_resume)
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
         global_step, args.resume_history = C.resume_training(accelerator, resume, run_args=vars(args),
-                                                             optimizer=optimizer, ema=ema, stream=stream, guard=guard)
+                                                             optimizer=optimizer, ema=ema, stream=stream, guard=guard,
+                                                             provenance=provenance,
+                                                             allow_inexact=args.allow_inexact_resume)
         if ema_teacher is not None:
             ema.copy_to(ema_teacher.parameters())  # SRA's teacher is the loaded EMA, as in an uninterrupted run
         if accelerator.is_main_process:
@@ -165,6 +177,7 @@ def main(args=None):
                         num_inference_steps=args.validation_num_inference_steps,
                         guidance_scale=args.validation_guidance_scale, seed=args.seed, id2label=stream.id2label)
     batches = iter(stream)
+    preemption = R.Preemption()  # SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit (runs.py)
 
     # 5. Loop
     while global_step < args.max_train_steps:
@@ -176,7 +189,8 @@ def main(args=None):
             loss, loss_diff, terms = compute_loss(model, method, x0, labels, transport, step=global_step,
                                                   class_dropout_prob=args.class_dropout_prob,
                                                   pixel_values=batch.get("pixel_values"), teacher=ema_teacher)
-            stepped = guard.check(loss)  # collective: every process skips a step that is bad anywhere
+            # collective: every process skips a step that is bad anywhere, and learns of a preemption signal
+            stepped = guard.check(loss, preemption.requested)
             if stepped:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -193,13 +207,17 @@ def main(args=None):
         global_step += 1
         log.step(global_step, {"loss": loss, "loss_diff": loss_diff, **{f"loss_{k}": v for k, v in terms.items()}},
                  counts={"data_skipped": stream.skips.num_skipped}, nonfinite_skipped=guard.skipped)
-        if global_step % args.checkpointing_steps == 0:
-            C.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, stream=stream,
-                              run_args=vars(args), guard=guard)  # the guard notes whether this checkpoint is healthy
+        if global_step % args.checkpointing_steps == 0 or guard.stop_requested:
+            checkpoint = C.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
+                                           stream=stream, run_args=vars(args), guard=guard, provenance=provenance)
+        if guard.stop_requested:  # preempted: every process stops after this same step, its checkpoint written
+            log.close()
+            R.exit_preempted(preemption, global_step, checkpoint, lock)
         if global_step % args.validation_steps == 0:
             T.save_ema_samples(accelerator, model, ema, vae, output_dir / "samples" / f"step-{global_step:07d}.png",
                                step=global_step, **grid_options)
     log.close()
+    preemption.restore()
 
     # 6. The EMA pipeline folder, its sample grid and model card, the Hub
     accelerator.wait_for_everyone()
@@ -215,6 +233,7 @@ def main(args=None):
                                       private=args.hub_private)
             logger.info(f"Pushed to https://huggingface.co/{repo_id}", main_process_only=True)
     accelerator.end_training()
+    lock.release()
     return output_dir
 
 

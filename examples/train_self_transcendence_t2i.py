@@ -51,10 +51,13 @@ from tqdm.auto import tqdm
 
 from diffusers_selftrans import checkpointing as C
 from diffusers_selftrans import cli, hub
+from diffusers_selftrans import runs as R
 from diffusers_selftrans import training as T
 from diffusers_selftrans.alignment import build_alignment, default_t2i_options
 from diffusers_selftrans.data import preprocess_image
 from diffusers_selftrans.models.block_features import BlockFeatures, model_timestep, model_velocity
+from diffusers_selftrans.provenance import (ProvenanceError, check_provenance, module_digest, read_provenance,
+                                            vae_encoder_identity, write_provenance)
 from diffusers_selftrans.transport import Transport
 
 logger = get_logger(__name__)
@@ -195,6 +198,7 @@ class CaptionStream:
                 raise ValueError(f"{what} {column!r} is not a column of the dataset; columns: {columns}.")
         self.dataset = ds.cast_column(args.image_column, datasets.Image(decode=False))
         self.streaming = streaming
+        self.num_examples = None if streaming else len(self.dataset)  # compared on resume (checkpoint provenance)
         self.epoch, self.position = 0, 0
         if not streaming and len(self.dataset) // num_processes < batch_size:
             raise ValueError(f"{len(self.dataset)} examples cannot fill a batch of {batch_size} on each of "
@@ -279,21 +283,35 @@ def encode_captions(family: str, text_pipe, captions, device, max_sequence_lengt
     raise ValueError(f"Unknown family {family!r}.")
 
 
-class TextEmbeddings:
-    """`encode_captions`, optionally cached on disk: one safetensors file per distinct caption (sha1 of the text),
-    written atomically, so each caption is encoded once per run (and across resumes and processes)."""
+def text_encoders_identity(family: str, text_pipe, max_sequence_length: int) -> dict:
+    """What decides a caption's embeddings: the family, every text encoder's weights and the tokenizer length."""
+    encoders = {name: module_digest(module) for name, module in sorted(text_pipe.components.items())
+                if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)}
+    return {"family": family, "text_encoders": encoders, "max_sequence_length": max_sequence_length}
 
-    def __init__(self, family, text_pipe, device, max_sequence_length, cache_dir=None):
+
+class TextEmbeddings:
+    """`encode_captions`, optionally cached on disk: one safetensors file per distinct caption (sha1 of the text,
+    the caption itself in its metadata), written atomically, so each caption is encoded once per run (and across
+    resumes and processes). The cache records the text encoders' identity (`provenance.json`): a run with other
+    encoders refuses it."""
+
+    def __init__(self, family, text_pipe, device, max_sequence_length, cache_dir=None, identity=None):
         self.family, self.text_pipe, self.device = family, text_pipe, device
         self.max_sequence_length = max_sequence_length
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            identity = identity or text_encoders_identity(family, text_pipe, max_sequence_length)
+            check_provenance(self.cache_dir, read_provenance(self.cache_dir), identity,
+                             remedy="Its embeddings came from other text encoders; delete that folder to encode the "
+                                    "captions again.")
+            write_provenance(self.cache_dir, identity)
 
     def __call__(self, captions) -> dict:
         if self.cache_dir is None:
             return encode_captions(self.family, self.text_pipe, captions, self.device, self.max_sequence_length)
-        from safetensors.torch import load_file, save_file
+        from safetensors import safe_open
+        from safetensors.torch import save_file
 
         paths = [self.cache_dir / (hashlib.sha1(c.encode("utf-8")).hexdigest() + ".safetensors") for c in captions]
         missing = sorted({c for c, p in zip(captions, paths) if not p.is_file()})
@@ -302,9 +320,17 @@ class TextEmbeddings:
             for i, caption in enumerate(missing):
                 path = self.cache_dir / (hashlib.sha1(caption.encode("utf-8")).hexdigest() + ".safetensors")
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
-                save_file({k: v[i].detach().cpu().contiguous() for k, v in fresh.items()}, str(tmp))
+                save_file({k: v[i].detach().cpu().contiguous() for k, v in fresh.items()}, str(tmp),
+                          metadata={"caption": caption})
                 os.replace(tmp, path)
-        rows = [load_file(str(p)) for p in paths]
+        rows = []
+        for caption, path in zip(captions, paths):
+            with safe_open(str(path), framework="pt") as f:
+                stored = (f.metadata() or {}).get("caption", caption)
+                rows.append({k: f.get_tensor(k) for k in f.keys()})
+            if stored != caption:  # two captions with one sha1, or a file copied in from elsewhere
+                raise ProvenanceError(f"Refusing to reuse {path}: it holds the embeddings of {stored!r}, not of "
+                                      f"{caption!r}. Delete it to encode the caption again.")
         return {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
 
 
@@ -385,6 +411,12 @@ def alignment_for_stage(args, model, family, null, device):
         options["t_range"] = tuple(args.t_range)
     if args.stage == 1:
         return build_alignment(method, model, **options)
+    guide_config = type(model).load_config(args.guiding_model_name_or_path, subfolder=args.guiding_model_subfolder)
+    check_provenance(f"the guiding model {args.guiding_model_name_or_path}",
+                     {"transformer_class": guide_config.get("_class_name")},
+                     {"transformer_class": type(model).__name__},
+                     remedy="Stage 2 guides the student with a stage-1 model of its own family (the stage-1 output "
+                            "of this script with the same --pretrained_model_name_or_path).")
     teacher = type(model).from_pretrained(args.guiding_model_name_or_path, subfolder=args.guiding_model_subfolder)
     if family == "flux" and teacher.config.get("guidance_embeds") != model.config.get("guidance_embeds"):
         raise ValueError("The Flux guiding model and the student differ in guidance_embeds.")
@@ -466,9 +498,17 @@ def main(args=None):
         raise NotImplementedError("--torch_compile is not supported under FSDP here; drop it or use DDP.")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
+    # the output folder: locked for this run; a run that does not resume needs it empty (runs.py)
+    args.run_id = (args.resume_from_checkpoint and R.folder_run_id(output_dir)) or R.new_run_id()
+    lock = R.lock_output_dir(accelerator, output_dir, args.run_id, break_lock=args.break_run_lock)
+    resume = C.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir,
+                                         num_processes=accelerator.num_processes,
+                                         allow_inexact=args.allow_inexact_resume)
+    if resume is None:
+        R.check_fresh_output_dir(accelerator, output_dir, overwrite=args.overwrite_output_dir,
+                                 resume_requested=bool(args.resume_from_checkpoint))
+    if accelerator.is_main_process:  # args.json once the set-up passed its checks (a failed start leaves nothing)
         output_dir.mkdir(parents=True, exist_ok=True)
-        cli.save_args(args, output_dir / "args.json")
     per_device, global_batch = T.batch_sizes(args.global_batch_size, args.train_batch_size,
                                              accelerator.num_processes, args.gradient_accumulation_steps)
     # frozen parts (VAE, text encoders) in the mixed-precision dtype, as diffusers' SD3 / Flux examples do
@@ -491,8 +531,10 @@ def main(args=None):
     vae = text_pipe.vae
     encoder = T.LatentEncoder(vae)
     args.max_sequence_length = args.max_sequence_length or text_length
+    text_identity = text_encoders_identity(family, text_pipe, args.max_sequence_length)
     embed = TextEmbeddings(family, text_pipe, accelerator.device, args.max_sequence_length,
-                           output_dir / TEXT_EMBEDDINGS_FOLDER if args.precompute_text_embeddings else None)
+                           output_dir / TEXT_EMBEDDINGS_FOLDER if args.precompute_text_embeddings else None,
+                           identity=text_identity)
     null = {k: v.float() for k, v in encode_captions(family, text_pipe, [""], accelerator.device,
                                                      args.max_sequence_length).items()}
 
@@ -552,15 +594,18 @@ def main(args=None):
     # 5.5 Resume (exact: weights, EMA, optimizer, warm-up, RNG of every process, data position, loss guard)
     global_step, train_seconds = 0, 0.0
     guard = T.NonFiniteGuard(accelerator, args.max_nonfinite_steps, explosion_factor=args.loss_explosion_factor)
-    resume = C.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir,
-                                         num_processes=accelerator.num_processes,
-                                         allow_inexact=args.allow_inexact_resume)
+    # what the checkpoints depend on besides the flags: data size, processes, batch, VAE and text encoders
+    provenance = C.checkpoint_provenance(
+        dataset_size=stream.num_examples, num_processes=accelerator.num_processes, global_batch_size=global_batch,
+        vae_encoder=vae_encoder_identity(vae),
+        text_encoders=text_identity["text_encoders"])
     args.resume_history = []
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
         global_step, args.resume_history = C.resume_training(accelerator, resume, run_args=vars(args),
                                                              optimizer=optimizer, ema=ema, stream=stream, guard=guard,
-                                                             process_states=shard_states)
+                                                             process_states=shard_states, provenance=provenance,
+                                                             allow_inexact=args.allow_inexact_resume)
         # a changed --learning_rate is the new peak of the warm-up schedule (LambdaLR: lr = base_lr * factor(step))
         schedule = lr_scheduler.scheduler
         schedule.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
@@ -582,6 +627,7 @@ def main(args=None):
         train_seconds = C.rewind_loss_log(output_dir / "loss_log.jsonl", global_step)
         loss_log = open(output_dir / "loss_log.jsonl", "a")
     batches = iter(stream)
+    preemption = R.Preemption()  # SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit (runs.py)
 
     # 5.6 Loop
     while global_step < args.max_train_steps:
@@ -605,7 +651,7 @@ def main(args=None):
             terms = method(out.hidden_states, x_t=x_t, t=t, target=target, x0=x0, noise=noise, step=global_step,
                            conditioning=cond, shared_kwargs=shared or None, model_kwargs=static) if active else {}
             loss = loss_diff + sum(method.weights[name] * value for name, value in terms.items())
-            stepped = guard.check(loss)
+            stepped = guard.check(loss, preemption.requested)  # also: every process learns of a preemption
             if stepped:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -634,12 +680,18 @@ def main(args=None):
         if loss_log is not None:
             loss_log.write(json.dumps({"step": global_step, **logged}) + "\n")
             loss_log.flush()
-        if global_step % args.checkpointing_steps == 0:
-            C.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, stream=stream,
-                              run_args=vars(args), guard=guard, process_states=shard_states)
+        if global_step % args.checkpointing_steps == 0 or guard.stop_requested:
+            checkpoint = C.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
+                                           stream=stream, run_args=vars(args), guard=guard,
+                                           process_states=shard_states, provenance=provenance)
+        if guard.stop_requested:  # preempted: every process stops after this same step, its checkpoint written
+            if loss_log is not None:
+                loss_log.close()
+            R.exit_preempted(preemption, global_step, checkpoint, lock)
         if global_step % args.validation_steps == 0:
             save_preview(args, accelerator, pipeline_cls, family, text_pipe, core, full_ema(ema), global_step)
     progress.close()
+    preemption.restore()
 
     # 5.7 The matching diffusers pipeline with the EMA transformer, a preview, the model card, the Hub
     accelerator.wait_for_everyone()
@@ -669,6 +721,7 @@ def main(args=None):
                                       private=args.hub_private, commit_message=f"Upload {pipeline_cls.__name__}")
             logger.info(f"Pushed to https://huggingface.co/{repo_id}", main_process_only=True)
     accelerator.end_training()
+    lock.release()
     return output_dir
 
 

@@ -379,8 +379,14 @@ def test_sample_fid_end_to_end_and_resume(tmp_path, tiny_sit, one_thread):
     with np.load(tmp_path / "eval" / "samples.npz") as data:
         np.testing.assert_array_equal(data["arr_0"], arr)
     # other sampling settings into the same folder are refused
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"guidance_scale: 1\.5 \(there\) vs 2\.0 \(this run\)"):
         script.main(script.parse_args(argv[:-4] + ["--guidance_scale", "2.0"]))
+    # so is a model retrained into the same folder: its path is the same, its weights are not
+    with torch.no_grad():
+        next(tiny_sit.parameters()).add_(0.01)
+    SiTPipeline(tiny_sit, vae, FlowMatchEulerDiscreteScheduler(shift=1.0)).save_pretrained(tmp_path / "pipe")
+    with pytest.raises(ValueError, match=r"transformer_digest: \w+ \(there\) vs \w+ \(this run\)"):
+        script.main(script.parse_args(argv))
 
 
 def test_inception_extractor_uses_only_the_public_forward(tmp_path, monkeypatch):

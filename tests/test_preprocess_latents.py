@@ -198,9 +198,18 @@ def test_kill_and_resume_preprocessing(setup, script, monkeypatch):
         ta, tb = load_file(a), load_file(b)
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
-    # Settings that change the shard layout cannot resume into the same directory.
-    with pytest.raises(ValueError, match="other settings"):
+    # Settings that change the shard layout cannot resume into the same directory, nor another VAE encoder
+    with pytest.raises(ValueError, match=r"shard_size: 3 \(there\) vs 4 \(this run\)"):
         script.main(script.parse_args(_argv(setup, out, "--max_samples", "8", "--shard_size", "4")))
+    from diffusers import AutoencoderKL
+
+    other = AutoencoderKL.from_pretrained(setup / "vae")
+    with torch.no_grad():
+        other.encoder.conv_in.weight.add_(0.01)
+    other.save_pretrained(setup / "vae_retrained")  # e.g. a VAE retrained into the same folder
+    with pytest.raises(ValueError, match=r"vae_encoder: .*encoder_digest.*\(there\) vs .*\(this run\)"):
+        script.main(script.parse_args(_argv(setup, out, "--max_samples", "8") + ["--vae_name_or_path",
+                                                                                 str(setup / "vae_retrained")]))
 
 
 def test_latent_stats_mismatch_errors(plain_latents):
@@ -216,7 +225,7 @@ def test_latent_stats_mismatch_errors(plain_latents):
         check_latent_stats(stats, dict(same, scaling_factor=0.3611, shift_factor=0.1159))
     with pytest.raises(ValueError, match="VAE 'stabilityai/sd-vae-ft-ema' \\(shards\\) vs 'black-forest-labs/FLUX"):
         check_latent_stats(stats, dict(same, _name_or_path="black-forest-labs/FLUX.1-dev"))
-    # Through the stream: a VAE module with another latent width.
-    with pytest.raises(ValueError, match="different VAE"):
+    # Through the stream: a VAE module with another latent width (the shards recorded their VAE encoder's identity)
+    with pytest.raises(ValueError, match=r"vae_encoder: .*'latent_channels': 4.*\(there\) vs .*'latent_channels': 8"):
         args = _args("--latents_dir", plain_latents, "--resolution", RES)
         TrainDataStream(args, 1, vae_config=_tiny_vae(latent_channels=8))

@@ -337,3 +337,64 @@ def test_fsdp_two_processes_stage2_exports_full_ema_and_resumes_exactly(assets, 
         a = torch.load(resumed / "checkpoint-2" / f"transformer_ema_shards_rank{r}.pt", weights_only=True)
         b = torch.load(ckpt / f"transformer_ema_shards_rank{r}.pt", weights_only=True)
         assert all(torch.equal(x, y) for x, y in zip(a["shadow_params"], b["shadow_params"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cluster safety (issue 25): preemption, the guide's family, the text-embedding cache's encoders
+
+
+def test_preempted_stage2_checkpoints_the_step_and_resumes_exactly(assets, stage1, stage2, tmp_path, monkeypatch):
+    import signal
+
+    from test_cluster_safety import signal_at_call
+
+    from diffusers_selftrans import checkpointing as C
+    from diffusers_selftrans import runs as R
+
+    out = tmp_path / "preempted"
+    run = flags(assets, "sd3", out, guiding_model_name_or_path=stage1["sd3"], guide_stop_step=2,
+                checkpointing_steps=100)
+    signal_at_call(monkeypatch, signal.SIGTERM, 3)
+    with pytest.raises(R.Preempted) as preempted:
+        t2i.main(run)
+    assert preempted.value.code == 143 and [p.name for p in C.list_checkpoints(out)] == ["checkpoint-3"]
+    monkeypatch.undo()
+    t2i.main(run + ["--resume_from_checkpoint", "latest"])
+    straight, resumed = read_losses(stage2["sd3"]), read_losses(out)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in straight:
+        for key in ("loss", "loss_diff", "lr"):
+            assert resumed[step][key] == straight[step][key], (step, key)
+    assert_same_weights(out / "transformer", stage2["sd3"] / "transformer")
+
+
+def test_stage2_refuses_a_guiding_model_of_another_family_before_loading_it(assets, stage1, tmp_path):
+    from diffusers_selftrans.provenance import ProvenanceError
+
+    with pytest.raises(ProvenanceError, match=r"guiding model .*stage1_pixart.*transformer_class: "
+                                              r"PixArtTransformer2DModel \(there\) vs SD3Transformer2DModel"):
+        t2i.main(flags(assets, "sd3", tmp_path / "out", guiding_model_name_or_path=stage1["pixart"]))
+
+
+def test_text_embedding_cache_refuses_other_text_encoders_and_a_misfiled_caption(assets, tmp_path):
+    import diffusers
+
+    from diffusers_selftrans.provenance import ProvenanceError
+
+    other = convergence_t2i.write_tiny_t2i_pipeline(tmp_path / "other_pipe", "sd3", seed=1)
+    pipes = [diffusers.StableDiffusion3Pipeline.from_pretrained(p, transformer=None)
+             for p in (assets / "pipe_sd3", other)]
+    cache = tmp_path / "cache"
+    captions = ["a handwritten seven", "the digit 2"]
+    first = t2i.TextEmbeddings("sd3", pipes[0], "cpu", 16, cache)(captions)
+    again = t2i.TextEmbeddings("sd3", pipes[0], "cpu", 16, cache)(captions)  # the same encoders: read back
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    with pytest.raises(ProvenanceError, match=r"cache.*text_encoders.*\(there\) vs .*\(this run\)"):
+        t2i.TextEmbeddings("sd3", pipes[1], "cpu", 16, cache)
+    with pytest.raises(ProvenanceError, match=r"max_sequence_length: 16 \(there\) vs 8"):
+        t2i.TextEmbeddings("sd3", pipes[0], "cpu", 8, cache)
+    files = sorted(cache.glob("*.safetensors"))
+    files[0].rename(tmp_path / "moved")
+    files[1].rename(files[0])  # a file under another caption's name
+    with pytest.raises(ProvenanceError, match="holds the embeddings of"):
+        t2i.TextEmbeddings("sd3", pipes[0], "cpu", 16, cache)(captions)

@@ -7,8 +7,9 @@
   write removes the `.tmp` and says which checkpoint is intact.
 - `resolve_resume_checkpoint`: `latest` is the newest checkpoint whose manifest matches; damaged ones are skipped and
   named; a resume that cannot be exact refuses to start unless `allow_inexact`.
-- `resume_training`: refuses changed flags that cannot take effect (`RESUME_CHANGEABLE_FLAGS` lists those that can),
-  loads the state and applies the rest; `rewind_loss_log` drops log rows written after the checkpoint.
+- `resume_training`: refuses a checkpoint made from other data, processes or VAE (`checkpoint_provenance`, compared
+  with `provenance.check_provenance`) and changed flags that cannot take effect (`RESUME_CHANGEABLE_FLAGS` lists those
+  that can), loads the state and applies the rest; `rewind_loss_log` drops log rows written after the checkpoint.
 """
 
 import errno
@@ -24,6 +25,7 @@ import torch
 
 from .cli import SECRET_FLAGS, run_arguments, save_args
 from .models import AlignmentProjector, SiTTransformer2DModel
+from .provenance import check_provenance, read_provenance, write_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +127,8 @@ def checkpoint_problems(path, num_processes: Optional[int] = None) -> List[tuple
             problems.append((relative, f"{relative} is missing"))
         elif f.stat().st_size != size:
             problems.append((relative, f"{relative} has {f.stat().st_size} bytes, the manifest says {size}"))
-    for rank in range(num_processes or 0):
+    made_by = (read_provenance(path) or {}).get("num_processes", num_processes)
+    for rank in range(num_processes if made_by == num_processes else 0):  # else `resume_training` names the cause
         relative = f"random_states_{rank}.pkl"
         if relative not in files:
             problems.append((relative, f"{relative} was never written (the checkpoint comes from fewer processes)"))
@@ -225,7 +228,40 @@ RESUME_CHANGEABLE_FLAGS = {
 }
 # Never compared: the invocation itself.
 RESUME_BOOKKEEPING_KEYS = ("launch_command", "resume_from_checkpoint", "config", "allow_inexact_resume",
-                           "resume_history")
+                           "resume_history", "run_id", "overwrite_output_dir", "break_run_lock",
+                           # derived from the data and the batch: `checkpoint_provenance` compares those, by name
+                           "steps_per_epoch")
+
+# Inputs of a checkpoint that an inexact resume (`--allow_inexact_resume`) may change: the data stream then restarts
+# its epoch and the new processes draw fresh random numbers. The classes and the VAE may never change: the class
+# embedding rows and the latents the weights were trained on would silently mean something else.
+INEXACT_PROVENANCE_KEYS = ("dataset_size", "num_processes", "global_batch_size")
+
+
+def checkpoint_provenance(*, dataset_size, num_processes: int, global_batch_size: int, num_classes=None,
+                          id2label=None, vae_encoder: Optional[dict] = None, **inputs) -> Dict[str, Any]:
+    """What a checkpoint's state depends on besides the flags (the classes and their names, the dataset's size, the
+    process count, the global batch, the VAE encoder, and any other `inputs`, e.g. the text encoders): compared on
+    resume by `resume_training`."""
+    names = None if not id2label else [id2label[k] for k in sorted(id2label)]
+    record = {"dataset_size": dataset_size, "num_processes": num_processes, "global_batch_size": global_batch_size}
+    if num_classes is not None:
+        record.update(num_classes=num_classes, class_names=names)
+    if vae_encoder is not None:
+        record["vae_encoder"] = vae_encoder
+    record.update(inputs)
+    return record
+
+
+def check_checkpoint_provenance(checkpoint: Path, provenance: Dict[str, Any], allow_inexact: bool = False) -> None:
+    recorded = read_provenance(checkpoint)
+    exact = {k: v for k, v in provenance.items() if k not in INEXACT_PROVENANCE_KEYS}
+    check_provenance(checkpoint, recorded, exact,
+                     remedy="Resume with the data and VAE it was trained on, or start a new run in another "
+                            "--output_dir.")
+    inexact = {k: v for k, v in provenance.items() if k in INEXACT_PROVENANCE_KEYS}
+    check_provenance(checkpoint, recorded, inexact, override="--allow_inexact_resume", allowed=allow_inexact,
+                     remedy="An exact resume needs the same dataset, process count and global batch size.")
 
 
 def compare_resume_args(run_args: Dict[str, Any], checkpoint: Path) -> Dict[str, list]:
@@ -268,7 +304,8 @@ def record_resume(checkpoint: Path, step: int, changed: Dict[str, list]) -> List
 
 
 def resume_training(accelerator, checkpoint: Path, *, run_args: Dict[str, Any], optimizer, ema, stream=None,
-                    guard=None, process_states=()) -> Tuple[int, List[dict]]:
+                    guard=None, process_states=(), provenance: Optional[Dict[str, Any]] = None,
+                    allow_inexact: bool = False) -> Tuple[int, List[dict]]:
     """Continue a run from `checkpoint`; returns `(global step, resume history)`.
 
     Flags that differ from the checkpoint's and cannot take effect are refused before anything loads; then the
@@ -277,8 +314,11 @@ def resume_training(accelerator, checkpoint: Path, *, run_args: Dict[str, Any], 
 
     `process_states`: more objects with `save_state(folder)` / `load_state(folder)` that every process loads (e.g.
     the T2I script's FSDP EMA shards), after the accelerate state and before the EMA hyperparameters are applied.
+    `provenance`: this run's `checkpoint_provenance`, compared with the checkpoint's before anything loads.
     """
-    changed = compare_resume_args(run_args, checkpoint)
+    changed = compare_resume_args(run_args, checkpoint)  # a changed flag is named as the flag
+    if provenance is not None:
+        check_checkpoint_provenance(checkpoint, provenance, allow_inexact)
     accelerator.load_state(str(checkpoint))
     if stream is not None:
         stream.load_state(str(checkpoint))
@@ -334,13 +374,15 @@ def _checkpoint_write_error(output_dir, tmp: Path, step: int, error: BaseExcepti
 
 
 def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int] = None, stream=None,
-                    run_args: Optional[Dict[str, Any]] = None, guard=None, process_states=()) -> Path:
+                    run_args: Optional[Dict[str, Any]] = None, guard=None, process_states=(),
+                    provenance: Optional[Dict[str, Any]] = None) -> Path:
     """`accelerator.save_state` into `checkpoint-N.tmp`, then an atomic rename to `checkpoint-N`; prune old ones.
 
     `stream` (a `TrainDataStream`) writes each process's data position into the same folder, `run_args` the resolved
     arguments (`args.json`, compared on resume) and `guard` (a `NonFiniteGuard`) its state, which also records
     whether this checkpoint is healthy; every process writes each of `process_states` (objects with
-    `save_state(folder)`, like `stream`) into the folder too. `manifest.json` is written last, then the folder is renamed. A failed write
+    `save_state(folder)`, like `stream`) into the folder too, and `provenance` (`checkpoint_provenance`) goes to
+    `provenance.json`. `manifest.json` is written last, then the folder is renamed. A failed write
     (full disk, ...) removes the `.tmp` folder and raises a `CheckpointWriteError` that says how to resume.
     """
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
@@ -357,6 +399,8 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[in
         if accelerator.is_main_process:
             if run_args is not None:
                 save_args(run_args, tmp / CHECKPOINT_ARGS_NAME)
+            if provenance is not None:
+                write_provenance(tmp, provenance)
             if guard is not None:
                 guard.checkpoint_saved(final)
                 (tmp / GUARD_STATE_NAME).write_text(json.dumps(guard.state_dict()))

@@ -88,6 +88,12 @@ def add_training_args(parser: argparse.ArgumentParser):
     g.add_argument("--allow_inexact_resume", action="store_true",
                    help="Resume from a checkpoint whose RNG states are missing or damaged, or that has no manifest "
                         "(older versions): the run continues but is NOT the same as an uninterrupted one.")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="A run that does not resume refuses an --output_dir holding another run's outputs; this flag "
+                        "deletes them first (only in a run folder: one with args.json or checkpoints).")
+    g.add_argument("--break_run_lock", action="store_true",
+                   help="Take over the output folder's lock left by a run on another host that is known to be dead "
+                        "(same-host locks of dead processes are taken over without it).")
     g.add_argument("--validation_steps", type=int, default=10_000, help="Sample a grid from the EMA model every N steps.")
     g.add_argument("--validation_class_labels", type=int, nargs="*", default=None,
                    help="Classes of the sample grid (default: up to 8 classes spread over the label range).")
@@ -340,6 +346,9 @@ def add_guide_args(parser: argparse.ArgumentParser):
     g.add_argument("--guide_stop_epochs", type=float, default=None,
                    help="Default 20 epochs for 12-block models, 10 for deeper ones (paper §4), converted to steps "
                         "with the dataset size and the global batch.")
+    g.add_argument("--allow_guiding_vae_mismatch", action="store_true",
+                   help="Train although the guiding model's VAE (its folder's vae/) encodes other latents than "
+                        "--vae_name_or_path: the guide loss then compares features of different latents.")
     g.add_argument("--guiding_classes_correspond", action="store_true",
                    help="Accept a guiding model whose id2label names other classes (same count): its class k is "
                         "taken to be the data's class k.")

@@ -20,6 +20,7 @@ from torch import nn
 
 from .models import SiTTransformer2DModel
 from .models.transformer_sit import parse_preset
+from .provenance import check_provenance, vae_encoder_identity
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,28 @@ def load_vae(name_or_path: str, subfolder: Optional[str] = None):
     return vae.eval().requires_grad_(False)
 
 
+def check_guiding_vae(guiding_name_or_path: str, vae, allowed: bool = False) -> None:
+    """Refuse a guiding model trained on other latents than `vae` makes: the VAE its stage-1 pipeline folder (or Hub
+    repo) holds in `vae/` against this run's, by `vae_encoder_identity` (decoder-only fine-tunes pass).
+    `allowed` (`--allow_guiding_vae_mismatch`) turns the refusal into a warning."""
+    root = Path(os.fspath(guiding_name_or_path))
+    if root.is_dir():  # the pipeline folder, or its transformer/ subfolder
+        root = root if (root / "vae").is_dir() else root.parent if (root.parent / "vae").is_dir() else None
+    try:
+        guiding_vae = None if root is None else load_vae(os.fspath(root), "vae")
+    except (OSError, ValueError):  # a Hub repo without vae/, or unreachable
+        guiding_vae = None
+    if guiding_vae is None:
+        logger.warning("%s has no vae/ beside its transformer: cannot check that it was trained on this run's VAE "
+                       "latents.", guiding_name_or_path)
+        return
+    check_provenance(f"the guiding model {guiding_name_or_path}", {"vae_encoder": vae_encoder_identity(guiding_vae)},
+                     {"vae_encoder": vae_encoder_identity(vae)}, override="--allow_guiding_vae_mismatch",
+                     allowed=allowed,
+                     remedy="Its guide features were learnt on the latents of its own VAE (its vae/): train stage 2 "
+                            "with that VAE (--vae_name_or_path), or a guiding model trained on yours.")
+
+
 def vae_latent_size(vae, resolution: int) -> int:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % factor:
@@ -175,11 +198,18 @@ class NonFiniteGuard:
         self.consecutive = 0
         self.bad_since_save = False
         self.last_good_checkpoint: Optional[Path] = None
+        self.stop_requested = False  # a preemption signal reached some process (see `check`)
 
-    def check(self, loss: torch.Tensor) -> bool:
+    def check(self, loss: torch.Tensor, stop_requested: bool = False) -> bool:
         """True if the step is healthy on every process. Collective: call it on all processes; one host sync, the
-        gathered losses (every process then takes the same decision from the same numbers)."""
-        losses = self.accelerator.gather(loss.detach().float().reshape(1)).cpu()
+        gathered losses (every process then takes the same decision from the same numbers).
+
+        `stop_requested` (this process received a preemption signal) travels in the same gather: `stop_requested`
+        is then True on every process from this step on, so all of them stop after the same optimizer step."""
+        flag = torch.tensor(float(stop_requested), device=loss.device)
+        gathered = self.accelerator.gather(torch.stack([loss.detach().float().reshape(()), flag])).cpu().reshape(-1, 2)
+        losses = gathered[:, 0]
+        self.stop_requested = self.stop_requested or bool(gathered[:, 1].any())
         reason = None
         if not bool(torch.isfinite(losses).all()):
             reason = "Non-finite loss"

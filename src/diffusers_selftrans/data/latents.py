@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..provenance import check_provenance, vae_encoder_identity
 from .sources import _is_local, _map_style_keys
 
 
@@ -76,9 +77,17 @@ def _normalize_vae_name(name) -> Optional[str]:
 def check_latent_stats(stats: Dict[str, Any], vae) -> None:
     """Raise a ValueError when latent shards (their `stats.json`) were not encoded by `vae`.
 
-    `vae`: an `AutoencoderKL`, or its config (dict / FrozenDict). Compares latent channels, scaling_factor,
-    shift_factor and, when both are Hub ids, the VAE id (local paths cannot be compared by name: only a warning then).
+    `vae`: an `AutoencoderKL`, or its config (dict / FrozenDict). With the model and shards that recorded their VAE
+    encoder's identity (`provenance.vae_encoder_identity`: factors and encoder weights), that identity is compared
+    (`ProvenanceError`). Otherwise latent channels, scaling_factor, shift_factor and, when both are Hub ids, the VAE id
+    (local paths cannot be compared by name: only a warning then).
     """
+    if stats.get("vae_encoder") is not None and hasattr(vae, "state_dict"):
+        check_provenance(stats.get("latents_dir", "the latent shards"), {"vae_encoder": stats["vae_encoder"]},
+                         {"vae_encoder": vae_encoder_identity(vae)},
+                         remedy="Re-run examples/preprocess_latents.py with this VAE, or train with the VAE that "
+                                "encoded them.")
+        return
     config = vae.config if hasattr(vae, "config") else vae
     problems = []
     channels, stored = _config_get(config, "latent_channels"), stats.get("latent_channels")
@@ -137,8 +146,15 @@ class LatentSource:
         self.has_flip = bool(self.stats.get("flip"))
         labels, offsets, total = [], [], 0
         for path in self.files:
-            with safe_open(path, framework="pt") as f:
-                shard_labels = f.get_tensor("class_labels").long()
+            try:
+                with safe_open(path, framework="pt") as f:
+                    shard_labels = f.get_tensor("class_labels").long()
+            except Exception as error:  # safetensors' own error names neither the file nor the cause
+                raise ValueError(
+                    f"Latent shard {path} is unreadable ({type(error).__name__}: {error}); it was damaged after it "
+                    f"was written (shards are renamed into place complete), e.g. a copy cut short. Delete it and "
+                    f"re-run examples/preprocess_latents.py with the same flags: it writes only the missing shards."
+                ) from error
             offsets.append(total)
             total += shard_labels.numel()
             labels.append(shard_labels)
@@ -181,4 +197,8 @@ class _LatentReader(torch.utils.data.Dataset):
         names = ["latent_mean", "latent_std", "class_labels"]
         if self.has_flip:
             names += ["latent_mean_flip", "latent_std_flip"]
-        return {name: handle.get_slice(name)[row : row + 1][0] for name in names}
+        item = {name: handle.get_slice(name)[row : row + 1][0] for name in names}
+        bad = [name for name in names[:2] + names[3:] if not bool(torch.isfinite(item[name]).all())]
+        if bad:  # skipped and counted like an undecodable image (--max_skip_fraction), named
+            return {"error": f"non-finite {', '.join(bad)}", "description": f"row {row} of {self.files[shard]}"}
+        return item
