@@ -113,14 +113,9 @@ def main(args=None):
     T.configure_logging()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    args.run_id = (args.resume_from_checkpoint and R.folder_run_id(output_dir)) or R.new_run_id()
-    lock = R.lock_output_dir(accelerator, output_dir, args.run_id, break_lock=args.break_run_lock)
-    resume = C.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir,
-                                         num_processes=accelerator.num_processes,
-                                         allow_inexact=args.allow_inexact_resume)
-    if resume is None:
-        R.check_fresh_output_dir(accelerator, output_dir, overwrite=args.overwrite_output_dir,
-                                 resume_requested=bool(args.resume_from_checkpoint))
+    args.run_id, lock, resume = R.claim_output_dir(
+        accelerator, output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
+        allow_inexact=args.allow_inexact_resume, overwrite=args.overwrite_output_dir, break_lock=args.break_run_lock)
     if accelerator.is_main_process:  # args.json once the set-up passed its checks (a failed start leaves nothing)
         output_dir.mkdir(parents=True, exist_ok=True)
     per_device, global_batch = T.batch_sizes(args.global_batch_size, args.train_batch_size,

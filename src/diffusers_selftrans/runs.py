@@ -26,6 +26,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from .checkpointing import resolve_resume_checkpoint
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".run.lock"
@@ -206,6 +208,21 @@ def _refuse_or_clear(accelerator, root: Path, found: list, overwrite: bool, resu
             path = root / name
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     accelerator.wait_for_everyone()
+
+
+def claim_output_dir(accelerator, output_dir, *, resume_from_checkpoint: Optional[str], allow_inexact: bool,
+                     overwrite: bool, break_lock: bool):
+    """Everything a training script does with its `--output_dir` before it writes there: lock it for this run, find
+    the checkpoint to resume from (`checkpointing.resolve_resume_checkpoint`) and, when there is none, make sure the
+    folder holds no other run. Returns `(run id, lock, checkpoint or None)`; a resumed run keeps its run id."""
+    run_id = (resume_from_checkpoint and folder_run_id(output_dir)) or new_run_id()
+    lock = lock_output_dir(accelerator, output_dir, run_id, break_lock=break_lock)
+    resume = resolve_resume_checkpoint(resume_from_checkpoint, output_dir, num_processes=accelerator.num_processes,
+                                       allow_inexact=allow_inexact)
+    if resume is None:
+        check_fresh_output_dir(accelerator, output_dir, overwrite=overwrite,
+                               resume_requested=bool(resume_from_checkpoint))
+    return run_id, lock, resume
 
 
 class Preemption:
