@@ -92,8 +92,7 @@ def main(args=None):
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
     )
     T.configure_logging()
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
+    T.set_tf32(args.allow_tf32)
     args.run_id, lock, resume = R.claim_output_dir(
         accelerator, output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
         allow_inexact=args.allow_inexact_resume, overwrite=args.overwrite_output_dir, break_lock=args.break_run_lock)
@@ -129,7 +128,8 @@ def main(args=None):
                    model_cls=SiTTransformer2DModel, model_config=model.config)
     params = list(model.parameters()) + [p for h in heads for p in h.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  fused=args.fused_adamw and accelerator.device.type == "cuda")
     if args.torch_compile:
         model = torch.compile(model)
     model, optimizer, *heads = accelerator.prepare(model, optimizer, *heads)
@@ -184,24 +184,27 @@ def main(args=None):
             loss, loss_diff, terms = compute_loss(model, method, x0, labels, transport, step=global_step,
                                                   class_dropout_prob=args.class_dropout_prob,
                                                   pixel_values=batch.get("pixel_values"), teacher=ema_teacher)
-            # collective: every process skips a step that is bad anywhere, and learns of a preemption signal
-            stepped = guard.check(loss, preemption.requested)
+            accelerator.backward(loss)
+            guard.observe(loss)
+            # The step's one host read, once its backward is queued (a collective): every process skips a step that
+            # is bad anywhere, learns of a preemption signal, and gets the logged values.
+            stepped = accelerator.sync_gradients and guard.check(
+                stop_requested=preemption.requested, counts={"data_skipped": stream.skips.num_skipped},
+                logged={"loss": loss, "loss_diff": loss_diff, **{f"loss_{k}": v for k, v in terms.items()}})
             if stepped:
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                if args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients and stepped:
+            optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients go too
+        if stepped:
             ema.step(T.unwrap(accelerator, model).parameters())
             if ema_teacher is not None:
                 ema.copy_to(ema_teacher.parameters())
         log.train_seconds += time.perf_counter() - step_start  # every micro-step counts, EMA included
-        if not accelerator.sync_gradients or not stepped:
+        if not stepped:
             continue
         global_step += 1
-        log.step(global_step, {"loss": loss, "loss_diff": loss_diff, **{f"loss_{k}": v for k, v in terms.items()}},
-                 counts={"data_skipped": stream.skips.num_skipped}, nonfinite_skipped=guard.skipped)
+        log.step(global_step, guard.values, nonfinite_skipped=guard.skipped)
         if global_step % args.checkpointing_steps == 0 or guard.stop_requested:
             checkpoint = C.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
                                            stream=stream, run_args=vars(args), guard=guard, provenance=provenance)

@@ -44,7 +44,6 @@ logger = get_logger(__name__)
 STAGE2_EPOCHS = 80
 GUIDE_STOP_EPOCHS_BY_DEPTH = {12: 20, 24: 10, 28: 10}
 DEFAULT_GUIDE_STOP_EPOCHS = 20  # other depths: SiT-B's setting
-AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(input_args=None):
@@ -111,8 +110,7 @@ def main(args=None):
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=7200))],
     )
     T.configure_logging()
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
+    T.set_tf32(args.allow_tf32)
     args.run_id, lock, resume = R.claim_output_dir(
         accelerator, output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
         allow_inexact=args.allow_inexact_resume, overwrite=args.overwrite_output_dir, break_lock=args.break_run_lock)
@@ -146,11 +144,12 @@ def main(args=None):
     options = dict(guided_layer=args.guided_layer, guiding_layer=args.guiding_layer,
                    guidance_scale=args.guide_cfg_scale, weight=args.guide_loss_weight,
                    t_range_mode=args.t_range_mode, projector_dim=args.projector_dim,
-                   teacher_autocast=AUTOCAST_DTYPES[args.guiding_autocast])
+                   teacher_autocast=T.teacher_autocast_dtype(args.guiding_autocast, accelerator.mixed_precision))
     guide = build_alignment("self_transcendence", model.config, teacher=teacher.to(accelerator.device),
                             guide_stop_step=args.guide_stop_step, classes_correspond=args.guiding_classes_correspond,
                             t_range=None if args.no_t_range else tuple(args.t_range),  # None: the guide at every t
                             **{k: v for k, v in options.items() if v is not None})
+    del teacher  # the guide holds it, and releases it at the guide stop: no other reference may keep it alive
     if accelerator.is_main_process:  # with what the data and the guide resolved (steps, guide stop)
         cli.save_args(args, output_dir / "args.json")
     heads = guide.trainable_modules()  # the projector: prepared (DDP) on its own, never the guide object
@@ -158,7 +157,8 @@ def main(args=None):
                    model_cls=SiTTransformer2DModel, model_config=model.config)
     params = list(model.parameters()) + [p for h in heads for p in h.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  fused=args.fused_adamw and accelerator.device.type == "cuda")
     if args.torch_compile:
         model = torch.compile(model)
     model, optimizer, *heads = accelerator.prepare(model, optimizer, *heads)
@@ -205,22 +205,25 @@ def main(args=None):
             labels = batch["class_labels"].to(accelerator.device)
             loss, loss_diff, terms = compute_loss(model, guide, x0, labels, transport, step=global_step,
                                                   class_dropout_prob=args.class_dropout_prob)
-            # collective: every process skips a step that is bad anywhere, and learns of a preemption signal
-            stepped = guard.check(loss, preemption.requested)
+            accelerator.backward(loss)
+            guard.observe(loss)
+            # The step's one host read, once its backward is queued (a collective): every process skips a step that
+            # is bad anywhere, learns of a preemption signal, and gets the logged values.
+            stepped = accelerator.sync_gradients and guard.check(
+                stop_requested=preemption.requested, counts={"data_skipped": stream.skips.num_skipped},
+                logged={"loss": loss, "loss_diff": loss_diff, **{f"loss_{k}": v for k, v in terms.items()}})
             if stepped:
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                if args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients and stepped:
+            optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients go too
+        if stepped:
             ema.step(T.unwrap(accelerator, model).parameters())
         log.train_seconds += time.perf_counter() - step_start  # every micro-step counts, EMA included
-        if not accelerator.sync_gradients or not stepped:
+        if not stepped:
             continue
         global_step += 1
-        log.step(global_step, {"loss": loss, "loss_diff": loss_diff, **{f"loss_{k}": v for k, v in terms.items()}},
-                 counts={"data_skipped": stream.skips.num_skipped}, nonfinite_skipped=guard.skipped)
+        log.step(global_step, guard.values, nonfinite_skipped=guard.skipped)
         if global_step % args.checkpointing_steps == 0 or guard.stop_requested:
             checkpoint = C.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
                                            stream=stream, run_args=vars(args), guard=guard, provenance=provenance)

@@ -47,7 +47,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from diffusers_selftrans import checkpointing as C
 from diffusers_selftrans import cli, hub
@@ -145,6 +144,7 @@ def parse_args(input_args=None):
     g.add_argument("--t_range", type=float, nargs=2, default=None,
                    help="Only apply the alignment loss for t in this range (released T2I setting: every t).")
     g.add_argument("--projector_dim", type=int, default=None, help="Alignment MLP width (default 2048).")
+    cli.add_guiding_autocast_arg(g)
     cli.add_training_args(parser)
     g = parser.add_argument_group("text-to-image training")
     g.add_argument("--lr_warmup_steps", type=int, default=T2I_WARMUP_STEPS, help="Linear warm-up, then constant.")
@@ -394,7 +394,7 @@ def load_student(args, transformer_cls):
                                            revision=args.revision)
 
 
-def alignment_for_stage(args, model, family, null, device):
+def alignment_for_stage(args, model, family, null, device, teacher_autocast=None):
     """Stage 1: `vae_align`; stage 2: `self_transcendence` with the stage-1 EMA transformer as the frozen teacher.
     Released T2I defaults (`default_t2i_options`), each overridable by its flag."""
     if args.stage == 1 and args.align_loss_weight == 0:  # the vanilla baseline: flow matching only, no head
@@ -420,7 +420,8 @@ def alignment_for_stage(args, model, family, null, device):
     teacher = type(model).from_pretrained(args.guiding_model_name_or_path, subfolder=args.guiding_model_subfolder)
     if family == "flux" and teacher.config.get("guidance_embeds") != model.config.get("guidance_embeds"):
         raise ValueError("The Flux guiding model and the student differ in guidance_embeds.")
-    return build_alignment(method, model, teacher=teacher.to(device), null_conditioning=null, **options)
+    return build_alignment(method, model, teacher=teacher.to(device), null_conditioning=null,
+                           teacher_autocast=teacher_autocast, **options)
 
 
 def flow_scheduler_for_pixart():
@@ -496,8 +497,7 @@ def main(args=None):
                                   "accelerate config (or `accelerate launch --use_fsdp --fsdp_version 2`).")
     if fsdp and args.torch_compile:
         raise NotImplementedError("--torch_compile is not supported under FSDP here; drop it or use DDP.")
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
+    T.set_tf32(args.allow_tf32)
     # the output folder: locked for this run; a run that does not resume needs it empty (runs.py)
     args.run_id, lock, resume = R.claim_output_dir(
         accelerator, output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
@@ -547,14 +547,17 @@ def main(args=None):
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     feats = BlockFeatures(model)  # hooks registered before any torch.compile
-    method = alignment_for_stage(args, model, family, null, accelerator.device)
+    method = alignment_for_stage(args, model, family, null, accelerator.device,
+                                 teacher_autocast=T.teacher_autocast_dtype(args.guiding_autocast,
+                                                                           accelerator.mixed_precision))
     heads = method.trainable_modules()
     if not fsdp:  # under FSDP the EMA is built on the sharded parameters, after `prepare`
         ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,
                        model_cls=transformer_cls, model_config=model.config)
     params = list(model.parameters()) + [p for h in heads for p in h.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  fused=args.fused_adamw and accelerator.device.type == "cuda" and not fsdp)
     # accelerate steps a prepared scheduler once per process each step: scale the warm-up (diffusers' examples do too)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes)
@@ -587,7 +590,7 @@ def main(args=None):
         cli.save_args(args, output_dir / "args.json")
 
     # 5.5 Resume (exact: weights, EMA, optimizer, warm-up, RNG of every process, data position, loss guard)
-    global_step, train_seconds = 0, 0.0
+    global_step = 0
     guard = T.NonFiniteGuard(accelerator, args.max_nonfinite_steps, explosion_factor=args.loss_explosion_factor)
     # what the checkpoints depend on besides the flags: data size, processes, batch, VAE and text encoders
     provenance = C.checkpoint_provenance(
@@ -611,16 +614,10 @@ def main(args=None):
     else:
         set_seed(args.seed, device_specific=True)
     if accelerator.is_main_process and args.report_to != "none":
-        scalars = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name or output_dir.name, config=scalars)
-
-    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="train",
-                    disable=not (args.progress and accelerator.is_local_main_process))
-    logged, loss_log = {}, None
-    images_seen, tick = 0, time.perf_counter()
-    if accelerator.is_main_process:
-        train_seconds = C.rewind_loss_log(output_dir / "loss_log.jsonl", global_step)
-        loss_log = open(output_dir / "loss_log.jsonl", "a")
+        accelerator.init_trackers(args.tracker_project_name or output_dir.name, config=T.tracker_config(vars(args)))
+    log = T.StepLog(accelerator, output_dir / "loss_log.jsonl", initial_step=global_step,
+                    total_steps=args.max_train_steps, logging_steps=args.logging_steps, images_per_step=global_batch,
+                    progress=args.progress)
     batches = iter(stream)
     preemption = R.Preemption()  # SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit (runs.py)
 
@@ -646,53 +643,42 @@ def main(args=None):
             terms = method(out.hidden_states, x_t=x_t, t=t, target=target, x0=x0, noise=noise, step=global_step,
                            conditioning=cond, shared_kwargs=shared or None, model_kwargs=static) if active else {}
             loss = loss_diff + sum(method.weights[name] * value for name, value in terms.items())
-            stepped = guard.check(loss, preemption.requested)  # also: every process learns of a preemption
+            accelerator.backward(loss)
+            guard.observe(loss)
+            # The step's one host read, once its backward is queued (a collective): every process skips a step that
+            # is bad anywhere, learns of a preemption signal, and gets the logged values.
+            stepped = accelerator.sync_gradients and guard.check(
+                stop_requested=preemption.requested,
+                logged={"loss": loss, "loss_diff": loss_diff, **{f"loss_{k}": v for k, v in terms.items()}})
             if stepped:
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                if args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        if not accelerator.sync_gradients or not stepped:
-            train_seconds += time.perf_counter() - step_start
+            optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients go too
+        if stepped:
+            ema.step(core.parameters())
+        log.train_seconds += time.perf_counter() - step_start  # every micro-step counts, EMA included
+        if not stepped:
             continue
-        ema.step(core.parameters())
-        train_seconds += time.perf_counter() - step_start
         global_step += 1
-        images_seen += global_batch
-        logged = {"train_seconds": round(train_seconds, 4), "lr": lr_scheduler.get_last_lr()[0]}
-        for name, value in [("loss", loss), ("loss_diff", loss_diff)] + [(f"loss_{k}", v) for k, v in terms.items()]:
-            logged[name] = accelerator.reduce(value.detach().float(), "mean").item()
-        progress.update(1)
-        if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-            logged["images_per_sec"] = images_seen / max(time.perf_counter() - tick, 1e-9)
-            logged["nonfinite_skipped"] = guard.skipped
-            images_seen, tick = 0, time.perf_counter()
-            accelerator.log(logged, step=global_step)
-            progress.set_postfix(loss=f"{logged['loss']:.4f}")
-        if loss_log is not None:
-            loss_log.write(json.dumps({"step": global_step, **logged}) + "\n")
-            loss_log.flush()
+        log.step(global_step, guard.values, lr=lr_scheduler.get_last_lr()[0], nonfinite_skipped=guard.skipped)
         if global_step % args.checkpointing_steps == 0 or guard.stop_requested:
             checkpoint = C.save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
                                            stream=stream, run_args=vars(args), guard=guard,
                                            process_states=shard_states, provenance=provenance)
         if guard.stop_requested:  # preempted: every process stops after this same step, its checkpoint written
-            if loss_log is not None:
-                loss_log.close()
+            log.close()
             R.exit_preempted(preemption, global_step, checkpoint, lock)
         if global_step % args.validation_steps == 0:
             save_preview(args, accelerator, pipeline_cls, family, text_pipe, core, full_ema(ema), global_step)
-    progress.close()
+    log.close()
     preemption.restore()
 
     # 5.7 The matching diffusers pipeline with the EMA transformer, a preview, the model card, the Hub
     accelerator.wait_for_everyone()
     export_ema = full_ema(ema)  # FSDP: every process takes part in gathering the shards
     if accelerator.is_main_process:
-        loss_log.close()
         final = transformer_cls.from_config(core.config)
         export_ema.copy_to(final.parameters())
         final_pipeline(args, pipeline_cls, family, final.eval()).save_pretrained(output_dir)
@@ -705,7 +691,7 @@ def main(args=None):
             repo_id=args.hub_model_id or output_dir.name, dataset=args.dataset_name,
             data_description="local files" if args.train_data_dir else None, sample_image="samples.png",
             base_model=args.guiding_model_name_or_path if args.stage == 2 else args.pretrained_model_name_or_path,
-            metrics={"final_loss": logged.get("loss"), "steps": global_step, "nonfinite_skipped": guard.skipped,
+            metrics={"final_loss": log.last.get("loss"), "steps": global_step, "nonfinite_skipped": guard.skipped,
                      **({"resume_history": json.dumps(args.resume_history)} if args.resume_history else {})},
             extra={"pipeline_class": pipeline_cls.__name__, "stage": args.stage,
                    "pretrained_model": args.pretrained_model_name_or_path},

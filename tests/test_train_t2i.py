@@ -398,3 +398,18 @@ def test_text_embedding_cache_refuses_other_text_encoders_and_a_misfiled_caption
     files[1].rename(files[0])  # a file under another caption's name
     with pytest.raises(ProvenanceError, match="holds the embeddings of"):
         t2i.TextEmbeddings("sd3", pipes[0], "cpu", 16, cache)(captions)
+
+
+def test_the_loop_reads_the_device_once_per_step(assets, stage1, monkeypatch):
+    """Issue 26, item 2, for this script's loop (the instrument: test_host_syncs.HostReads). The captions are read
+    from the text-embedding cache, as in a run whose embeddings were computed before training."""
+    from test_host_syncs import assert_one_read_after_backward, make_recorder
+
+    reads = make_recorder(monkeypatch)
+    out = assets / "syncs_t2i"
+    common = dict(guiding_model_name_or_path=stage1["sd3"], guide_stop_step=6, checkpointing_steps=4,
+                  precompute_text_embeddings=True)
+    t2i.main(flags(assets, "sd3", out, max_train_steps=4, **common))  # every caption is encoded (and cached) once
+    with reads:
+        t2i.main(flags(assets, "sd3", out, max_train_steps=8, resume_from_checkpoint="latest", **common))
+    assert_one_read_after_backward(reads, steps=[5, 6])  # step 6 guided, step 7 after the guide stop

@@ -225,6 +225,7 @@ RESUME_CHANGEABLE_FLAGS = {
     "gradient_checkpointing": "speed and memory; the same math",
     "torch_compile": "speed; the same math",
     "allow_tf32": "matmul precision on GPUs, set at start",
+    "fused_adamw": "the same update in one kernel (CUDA)",
 }
 # Never compared: the invocation itself.
 RESUME_BOOKKEEPING_KEYS = ("launch_command", "resume_from_checkpoint", "config", "allow_inexact_resume",

@@ -69,7 +69,12 @@ def add_training_args(parser: argparse.ArgumentParser):
     g.add_argument("--max_grad_norm", type=float, default=DEFAULT_MAX_GRAD_NORM)
     g.add_argument("--ema_decay", type=float, default=DEFAULT_EMA_DECAY, help="Constant EMA decay (REPA: 0.9999).")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls and convolutions on CUDA (the released stage-2 script enables them); "
+                        "--no-allow_tf32 for full fp32 matmuls.")
+    g.add_argument("--fused_adamw", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch's fused AdamW kernel on CUDA (one kernel for all parameters, no host reads of the "
+                        "step counters); --no-fused_adamw for the foreach implementation.")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer.")
     g.add_argument("--max_nonfinite_steps", type=int, default=10,
                    help="Stop after this many consecutive bad steps (NaN/inf or exploding loss; each is skipped).")
@@ -329,6 +334,15 @@ def alignment_options(args, method: str) -> Dict[str, Any]:
 # Stage 2: the guide
 
 
+def add_guiding_autocast_arg(g):
+    """The teacher's compute precision (both stage-2 scripts)."""
+    g.add_argument("--guiding_autocast", type=str, default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="Compute precision of the frozen teacher, whose weights stay fp32. auto (default): the run's "
+                        "--mixed_precision (bf16 autocast under bf16). no: fp32 (TF32 matmuls with --allow_tf32, "
+                        "what the released stage-2 script does). On a CPU the teacher always runs fp32. "
+                        "benchmarks/teacher_precision.py measures what bf16 costs the guide target.")
+
+
 def add_guide_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group("self-transcendence")
     add_t_range_and_projector_args(g)
@@ -352,7 +366,4 @@ def add_guide_args(parser: argparse.ArgumentParser):
     g.add_argument("--guiding_classes_correspond", action="store_true",
                    help="Accept a guiding model whose id2label names other classes (same count): its class k is "
                         "taken to be the data's class k.")
-    g.add_argument("--guiding_autocast", type=str, default="no", choices=["no", "bf16", "fp16"],
-                   help="Run the fp32 teacher under autocast (GPU: bf16 is ~4x faster). Keep its weights fp32: "
-                        "with bf16 weights, w=30 amplifies the rounding of f_c - f_u (benchmarks/gpu_check.py "
-                        "measures both against fp32).")
+    add_guiding_autocast_arg(g)

@@ -148,6 +148,20 @@ def check_guiding_vae(guiding_name_or_path: str, vae, allowed: bool = False) -> 
                             "with that VAE (--vae_name_or_path), or a guiding model trained on yours.")
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 matmuls and cuDNN convolutions on CUDA (`--allow_tf32`, on by default); nothing on a CPU."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+
+
+AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def teacher_autocast_dtype(choice: str, mixed_precision: str) -> Optional[torch.dtype]:
+    """`--guiding_autocast`: `auto` follows the run's mixed precision (`accelerator.mixed_precision`)."""
+    return AUTOCAST_DTYPES.get(mixed_precision if choice == "auto" else choice)
+
+
 def vae_latent_size(vae, resolution: int) -> int:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % factor:
@@ -184,9 +198,14 @@ def unwrap(accelerator, model: nn.Module) -> nn.Module:
 
 
 class NonFiniteGuard:
-    """Skip steps whose loss is bad on any process, NaN/inf or exploding (above `explosion_factor` x the running mean
+    """The one host read of an optimizer step, taken once its backward is queued, and what is decided from it.
+
+    Skip steps whose loss is bad on any process, NaN/inf or exploding (above `explosion_factor` x the running mean
     of the last `window` healthy losses; None/0 disables that part); stop after `max_consecutive` bad steps in a row,
-    naming the last checkpoint saved with only healthy steps since the previous save."""
+    naming the last checkpoint saved with only healthy steps since the previous save. The same read carries the
+    preemption flag and the values the step log records, so the training loop reads the device once per step.
+
+    Per micro-step: `observe(loss)` (device only). Per optimizer step: `check(...)`, a collective."""
 
     def __init__(self, accelerator, max_consecutive: int, explosion_factor: Optional[float] = LOSS_EXPLOSION_FACTOR,
                  window: int = LOSS_EXPLOSION_WINDOW):
@@ -199,17 +218,40 @@ class NonFiniteGuard:
         self.bad_since_save = False
         self.last_good_checkpoint: Optional[Path] = None
         self.stop_requested = False  # a preemption signal reached some process (see `check`)
+        self.values: Dict[str, float] = {}  # the last step's logged values, on the host (see `check`)
+        self._loss_sum, self._micro_steps = None, 0
 
-    def check(self, loss: torch.Tensor, stop_requested: bool = False) -> bool:
-        """True if the step is healthy on every process. Collective: call it on all processes; one host sync, the
-        gathered losses (every process then takes the same decision from the same numbers).
+    def observe(self, loss: torch.Tensor) -> None:
+        """Add one micro-step's loss to the step's (no host read: a device-side sum; NaN/inf propagate into it)."""
+        loss = loss.detach().float().reshape(())
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._micro_steps += 1
 
-        `stop_requested` (this process received a preemption signal) travels in the same gather: `stop_requested`
-        is then True on every process from this step on, so all of them stop after the same optimizer step."""
-        flag = torch.tensor(float(stop_requested), device=loss.device)
-        gathered = self.accelerator.gather(torch.stack([loss.detach().float().reshape(()), flag])).cpu().reshape(-1, 2)
+    def check(self, loss: Optional[torch.Tensor] = None, stop_requested: bool = False,
+              logged: Optional[Dict[str, torch.Tensor]] = None, counts: Optional[Dict[str, float]] = None) -> bool:
+        """True if the step is healthy on every process. Collective: call it on all processes. ONE gather and ONE
+        device-to-host copy of: the mean loss of the micro-steps `observe`d since the last check (plus `loss`, if
+        given), this process's `stop_requested`, the `logged` scalar tensors and the host `counts`; every process then
+        takes the same decisions from the same numbers.
+
+        After it: `stop_requested` is True on every process once any process asked (a preemption signal: all of them
+        stop after this same optimizer step), and `values` holds the `logged` values averaged over processes and the
+        `counts` summed over processes, as floats."""
+        if loss is not None:
+            self.observe(loss)
+        if self._loss_sum is None:
+            raise RuntimeError("NonFiniteGuard.check: no loss observed since the last check.")
+        device = self._loss_sum.device
+        logged, counts = dict(logged or {}), dict(counts or {})
+        row = torch.stack([self._loss_sum / self._micro_steps, torch.tensor(float(stop_requested), device=device)]
+                          + [v.detach().float().reshape(()).to(device) for v in logged.values()]
+                          + [torch.tensor(float(c), device=device) for c in counts.values()])
+        self._loss_sum, self._micro_steps = None, 0
+        gathered = self.accelerator.gather(row).cpu().reshape(-1, len(row))  # the step's one host read
         losses = gathered[:, 0]
         self.stop_requested = self.stop_requested or bool(gathered[:, 1].any())
+        means, sums = gathered[:, 2:2 + len(logged)].mean(0).tolist(), gathered[:, 2 + len(logged):].sum(0).tolist()
+        self.values = {**dict(zip(logged, means)), **{name: int(round(v)) for name, v in zip(counts, sums)}}
         reason = None
         if not bool(torch.isfinite(losses).all()):
             reason = "Non-finite loss"
@@ -261,8 +303,9 @@ class StepLog:
     """The per-step record of a run: a row per optimizer step in `loss_log.jsonl` (main process), the trackers and
     the progress bar every `logging_steps`.
 
-    `step(...)` reduces every logged tensor across processes in ONE collective and copies them to the host in ONE
-    transfer. A resumed run continues the log at its checkpoint (`checkpointing.rewind_loss_log`) and its clock.
+    `step(...)` takes values already on the host (`NonFiniteGuard.values`: reduced across processes in the step's
+    one collective), so logging reads nothing from the device. A resumed run continues the log at its checkpoint
+    (`checkpointing.rewind_loss_log`) and its clock.
     """
 
     def __init__(self, accelerator, path, *, initial_step: int, total_steps: int, logging_steps: int,
@@ -283,18 +326,10 @@ class StepLog:
         self.images, self.tick = 0, time.perf_counter()
         self.last: Dict[str, float] = {}
 
-    def step(self, step: int, losses: Dict[str, torch.Tensor], counts: Dict[str, int], **host) -> Dict[str, float]:
-        """Log optimizer step `step`: `losses` (scalar tensors, averaged over processes), `counts` (ints, summed over
-        processes) and `host` values (already on the host, this process's)."""
-        device = self.accelerator.device
-        values = torch.stack([v.detach().float().reshape(()) for v in losses.values()]
-                             + [torch.tensor(float(c), device=device) for c in counts.values()])
-        values = self.accelerator.reduce(values, "sum").tolist()  # one collective, one device-to-host copy
-        n = self.accelerator.num_processes
-        row = {"train_seconds": round(self.train_seconds, 4)}
-        row.update({name: v / n for name, v in zip(losses, values)})
-        row.update({name: int(round(v)) for name, v in zip(counts, values[len(losses):])})
-        row.update(host)
+    def step(self, step: int, values: Dict[str, float], **host) -> Dict[str, float]:
+        """Log optimizer step `step`: `values` (host numbers, already reduced across processes) and `host` values
+        (this process's)."""
+        row = {"train_seconds": round(self.train_seconds, 4), **values, **host}
         self.images += self.images_per_step
         self.progress.update(1)
         if step % self.logging_steps == 0 or step == self.total_steps:
