@@ -44,6 +44,9 @@ logger = get_logger(__name__)
 
 # Stage 1 of the release trains 200K iterations = 40 epochs of ImageNet at batch 256 (method-notes §3.1).
 STAGE1_EPOCHS = 40
+# Methods whose step compiles as one graph (tests/test_gpu_path.py); the others run a model `torch.compile` cannot
+# trace whole (REPA's `transformers` encoder, SRA's EMA teacher call) and compile with graph breaks.
+FULLGRAPH_ALIGNMENTS = ("none", "vae_align", "dispersive", "layersync")
 
 
 def parse_args(input_args=None):
@@ -58,10 +61,13 @@ def parse_args(input_args=None):
     return args
 
 
-def compute_loss(model, method, x0, labels, transport, *, step, class_dropout_prob, pixel_values=None, teacher=None):
+def compute_loss(model, method, x0, labels, transport, *, class_dropout_prob, step=None, pixel_values=None,
+                 teacher=None):
     """One batch's loss: flow matching on x_t = (1 - t) x0 + t eps plus the method's weighted terms.
 
-    Returns `(loss, loss_diff, terms)` (`terms`: the method's unweighted terms, empty once it is inactive).
+    `step` is for a method that stops (`method.is_active(step)`); the training loop passes None, having made that
+    call itself before this function, which `--torch_compile` compiles as one graph. Returns `(loss, loss_diff,
+    terms)` (`terms`: the method's unweighted terms, empty once it is inactive).
     """
     t, noise, x_t, target = transport.sample(x0)
     # One label-dropout draw, shared by every model that needs the student's labels (SRA); none at all when
@@ -130,9 +136,11 @@ def main(args=None):
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
                                   fused=args.fused_adamw and accelerator.device.type == "cuda")
-    if args.torch_compile:
-        model = torch.compile(model)
     model, optimizer, *heads = accelerator.prepare(model, optimizer, *heads)
+    loss_fn = compute_loss
+    if args.torch_compile:  # forward and loss as one graph: the training loop keeps every host read outside it
+        loss_fn = torch.compile(compute_loss, fullgraph=args.alignment in FULLGRAPH_ALIGNMENTS,
+                                backend=args.torch_compile_backend)
     method.set_trainable_modules(heads)  # the prepared (DDP-wrapped) heads are what the loss must call
     method.to(accelerator.device)
     ema.to(accelerator.device)
@@ -181,9 +189,10 @@ def main(args=None):
             batch = next(batches)
             x0 = encoder(batch, accelerator.device)
             labels = batch["class_labels"].to(accelerator.device)
-            loss, loss_diff, terms = compute_loss(model, method, x0, labels, transport, step=global_step,
-                                                  class_dropout_prob=args.class_dropout_prob,
-                                                  pixel_values=batch.get("pixel_values"), teacher=ema_teacher)
+            method.is_active(global_step)  # a method's stop happens here, outside the (compiled) loss
+            loss, loss_diff, terms = loss_fn(model, method, x0, labels, transport,
+                                             class_dropout_prob=args.class_dropout_prob,
+                                             pixel_values=batch.get("pixel_values"), teacher=ema_teacher)
             accelerator.backward(loss)
             guard.observe(loss)
             # The step's one host read, once its backward is queued (a collective): every process skips a step that

@@ -78,11 +78,13 @@ def guide_stop_step(args, num_layers: int) -> int:
     return stop
 
 
-def compute_loss(model, guide, x0, labels, transport, *, step, class_dropout_prob):
+def compute_loss(model, guide, x0, labels, transport, *, class_dropout_prob, step=None):
     """One batch's loss: flow matching on x_t = (1 - t) x0 + t eps plus lambda x the guide term while it is active.
 
     The guiding model sees the same x_t and t with the TRUE labels (its f_c) and the null class (f_u); the student
-    sees its own label-dropped labels. Returns `(loss, loss_diff, terms)`.
+    sees its own label-dropped labels. `step` is for the guide stop (`guide.is_active(step)`); the training loop
+    passes None, having made that call itself (it frees the teacher) before this function, which `--torch_compile`
+    compiles as one graph, the teacher's early-exit pass included. Returns `(loss, loss_diff, terms)`.
     """
     t, noise, x_t, target = transport.sample(x0)
     drop = None  # no null class to drop to when class_dropout_prob is 0
@@ -159,9 +161,10 @@ def main(args=None):
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
                                   fused=args.fused_adamw and accelerator.device.type == "cuda")
-    if args.torch_compile:
-        model = torch.compile(model)
     model, optimizer, *heads = accelerator.prepare(model, optimizer, *heads)
+    loss_fn = compute_loss
+    if args.torch_compile:  # forward, teacher pass and loss as one graph; recompiled once, at the guide stop
+        loss_fn = torch.compile(compute_loss, fullgraph=True, backend=args.torch_compile_backend)
     guide.set_trainable_modules(heads)  # the prepared (DDP-wrapped) projector is what the loss must call
     guide.to(accelerator.device)
     ema.to(accelerator.device)
@@ -203,8 +206,9 @@ def main(args=None):
             batch = next(batches)
             x0 = encoder(batch, accelerator.device)
             labels = batch["class_labels"].to(accelerator.device)
-            loss, loss_diff, terms = compute_loss(model, guide, x0, labels, transport, step=global_step,
-                                                  class_dropout_prob=args.class_dropout_prob)
+            guide.is_active(global_step)  # the guide stop (the teacher is freed) happens here, outside the loss
+            loss, loss_diff, terms = loss_fn(model, guide, x0, labels, transport,
+                                             class_dropout_prob=args.class_dropout_prob)
             accelerator.backward(loss)
             guard.observe(loss)
             # The step's one host read, once its backward is queued (a collective): every process skips a step that

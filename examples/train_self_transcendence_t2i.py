@@ -561,8 +561,8 @@ def main(args=None):
     # accelerate steps a prepared scheduler once per process each step: scale the warm-up (diffusers' examples do too)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes)
-    if args.torch_compile:
-        model = torch.compile(model)
+    if args.torch_compile:  # the transformer only (the SiT scripts compile forward and loss as one graph)
+        model = torch.compile(model, backend=args.torch_compile_backend)
         feats.model = model
     shard_states = []  # per-process checkpoint state (FSDP: each process's EMA shards)
     if fsdp:

@@ -84,3 +84,36 @@ def test_tf32_and_fused_adamw_default_on_with_flags_to_turn_them_off(assets, tmp
     assert off.allow_tf32 is False and off.fused_adamw is False
     stage2 = train_self_transcendence.parse_args(flags(assets, tmp_path, guiding_model_name_or_path="g"))
     assert stage2.guiding_autocast == "auto"
+
+
+# A torch.compile backend that records each graph dynamo hands it and runs it eagerly: the test sees what is compiled
+# and how often, without the minutes inductor takes to generate code on this CPU.
+GRAPHS = []
+
+
+@torch._dynamo.register_backend
+def recording_eager(gm, example_inputs):
+    GRAPHS.append(gm)
+    return gm.forward
+
+
+def test_torch_compile_compiles_stage1_forward_and_loss_as_one_graph(assets, tmp_path):  # noqa: F811
+    torch._dynamo.reset()
+    GRAPHS.clear()
+    train_align.main(flags(assets, tmp_path / "run", max_train_steps=3, checkpointing_steps=100, validation_steps=100,
+                           torch_compile=True, torch_compile_backend="recording_eager"))
+    assert len(GRAPHS) == 1  # fullgraph=True: a graph break would have been an error; no recompile across steps
+    ops = {str(n.target) for n in GRAPHS[0].graph.nodes if n.op == "call_function"}
+    assert any("rand" in op for op in ops) and any("mse" in op or "pow" in op for op in ops)  # draw and loss inside
+
+
+def test_torch_compile_compiles_the_guided_step_with_its_teacher_and_recompiles_once_at_the_stop(
+        assets, stage1, tmp_path):  # noqa: F811
+    torch._dynamo.reset()
+    GRAPHS.clear()
+    train_self_transcendence.main(flags(assets, tmp_path / "run", guiding_model_name_or_path=stage1, max_train_steps=4,
+                                        guide_stop_step=2, checkpointing_steps=100, validation_steps=100,
+                                        torch_compile=True, torch_compile_backend="recording_eager"))
+    assert len(GRAPHS) == 2  # guided, then after the stop
+    guided, after = (sum(1 for n in g.graph.nodes if n.op == "call_module" or n.op == "call_function") for g in GRAPHS)
+    assert guided > after  # the teacher's early-exit pass and the projector are in the guided graph

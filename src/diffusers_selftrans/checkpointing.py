@@ -224,6 +224,7 @@ RESUME_CHANGEABLE_FLAGS = {
     "output_dir": "the run's folder may move", "cache_dir": "where `datasets` caches, not what it reads",
     "gradient_checkpointing": "speed and memory; the same math",
     "torch_compile": "speed; the same math",
+    "torch_compile_backend": "speed; the same math",
     "allow_tf32": "matmul precision on GPUs, set at start",
     "fused_adamw": "the same update in one kernel (CUDA)",
 }

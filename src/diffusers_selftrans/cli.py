@@ -75,7 +75,12 @@ def add_training_args(parser: argparse.ArgumentParser):
     g.add_argument("--fused_adamw", action=argparse.BooleanOptionalAction, default=True,
                    help="torch's fused AdamW kernel on CUDA (one kernel for all parameters, no host reads of the "
                         "step counters); --no-fused_adamw for the foreach implementation.")
-    g.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer.")
+    g.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile each training step's forward and loss (the student, the alignment head and, "
+                        "while guided, the teacher's early-exit pass) as one graph (fullgraph=True); it recompiles "
+                        "once, at the guide stop.")
+    g.add_argument("--torch_compile_backend", type=str, default="inductor",
+                   help="torch.compile backend (inductor; aot_eager or eager to debug).")
     g.add_argument("--max_nonfinite_steps", type=int, default=10,
                    help="Stop after this many consecutive bad steps (NaN/inf or exploding loss; each is skipped).")
     g.add_argument("--loss_explosion_factor", type=float, default=LOSS_EXPLOSION_FACTOR,

@@ -82,7 +82,8 @@ class ClassConditionalGuide:
         if class_labels is None:
             raise ValueError("self_transcendence needs x_t, t and class_labels (the true, undropped labels).")
         # checked where reading the labels costs no host sync (CPU); see SiTTransformer2DModel.forward
-        if class_labels.device.type == "cpu" and class_labels.numel() and int(class_labels.max()) >= self.null_class:
+        if (class_labels.device.type == "cpu" and not torch.compiler.is_compiling() and class_labels.numel()
+                and int(class_labels.max()) >= self.null_class):
             raise ValueError(f"class_labels contain the null class {self.null_class}; pass the true labels (the "
                              "student's dropout goes through force_drop_ids, the teacher's branch is never dropped).")
 
@@ -265,7 +266,7 @@ class SelfTranscendence(AlignmentMethod):
         guide = ClassConditionalGuide(self.null_class) if sit else PromptConditionalGuide(teacher, null_conditioning)
         self._hold_frozen("guide", guide)
         self.stopped = False
-        self.teacher_forwards = 0
+        self.teacher_forwards = 0  # teacher passes run eagerly (benchmarks, tests); a compiled step does not count
 
     @property
     def student_layers(self) -> Tuple[int, ...]:
@@ -308,7 +309,8 @@ class SelfTranscendence(AlignmentMethod):
         with frozen_forward_context(x_t.device, dtype, self.teacher_autocast):
             features = self.guide(self.teacher, torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]),
                                   self.guiding_layer, class_labels=class_labels, **conditioning)
-        self.teacher_forwards += 1
+        if not torch.compiler.is_compiling():  # a counter torch.compile would guard on (a recompile per step)
+            self.teacher_forwards += 1
         f_c, f_u = features.float().chunk(2)
         return f_u + self.guidance_scale * (f_c - f_u)
 

@@ -103,7 +103,7 @@ class SRAAlignment(AlignmentMethod):
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.head = SimpleHead(cfg["hidden_size"])
         self.weights = {self.name: float(SRA_WEIGHTS[loss_type] if weight is None else weight)}
-        self.teacher_forwards = 0
+        self.teacher_forwards = 0  # teacher passes run eagerly (benchmarks, tests); a compiled step does not count
 
     @property
     def student_layers(self) -> Tuple[int, ...]:
@@ -123,7 +123,8 @@ class SRAAlignment(AlignmentMethod):
         x_tea = interpolate(x0.float(), noise.float(), t_tea)
         out = teacher(x_tea.to(device=device, dtype=dtype), t_tea.to(device), class_labels.to(device),
                       stop_at_layer=self.teacher_layer, force_drop_ids=force_drop_ids.long().to(device))
-        self.teacher_forwards += 1
+        if not torch.compiler.is_compiling():  # a counter torch.compile would guard on (a recompile per step)
+            self.teacher_forwards += 1
         return out.hidden_states[self.teacher_layer].float()
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
