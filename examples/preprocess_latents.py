@@ -41,6 +41,7 @@ from diffusers_selftrans.data import (
     DataConfig,
     ImageSource,
     SkipCounter,
+    default_num_workers,
     latent_shard_name,
     list_latent_shards,
     ordered_map,
@@ -191,7 +192,8 @@ def main(args: Optional[argparse.Namespace] = None) -> Dict:
     keys = itertools.islice(keys, rank_limit)
     # Resume: skip the records of the completed shards (streams are read, not decoded).
     keys = itertools.islice(keys, start, None)
-    results = iter(ordered_map(source.reader, keys, args.dataloader_num_workers))
+    workers = default_num_workers(latents=False) if args.dataloader_num_workers is None else args.dataloader_num_workers
+    results = iter(ordered_map(source.reader, keys, workers))
     if first_shard:
         logger.info(f"Resuming: {first_shard} shards of rank {rank} already written.", main_process_only=False)
 

@@ -6,6 +6,8 @@ import io
 import json
 import logging
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -39,7 +41,10 @@ def _no_stream_shutdown_sleep(monkeypatch):
 def _args(*argv):
     parser = argparse.ArgumentParser()
     add_data_args(parser)
-    return DataConfig.from_namespace(parser.parse_args([str(a) for a in argv]))
+    argv = [str(a) for a in argv]
+    if "--dataloader_num_workers" not in argv:  # the tests run alone on few cores (the default would start workers)
+        argv += ["--dataloader_num_workers", "0"]
+    return DataConfig.from_namespace(parser.parse_args(argv))
 
 
 def _noise_image(seed, size=(20, 14), mode="RGB"):
@@ -355,3 +360,29 @@ def test_library_takes_a_data_config_not_the_namespace(tmp_path, parquet_dir):
     flags = _take(_stream(tmp_path, parquet_dir, batch_size=3, seed=2), 2)
     for a, b in zip(direct, flags):
         assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["class_labels"], b["class_labels"])
+
+
+def test_default_num_workers_reads_latents_in_process_and_leaves_a_core_for_training(monkeypatch):
+    from diffusers_selftrans.data import default_num_workers
+    from diffusers_selftrans.data.config import MAX_AUTO_NUM_WORKERS
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert default_num_workers(latents=True) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_num_workers(latents=False) == 3  # 32 cores / 8 processes - 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_num_workers(latents=False) == MAX_AUTO_NUM_WORKERS
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_num_workers(latents=False) == 1
+
+
+def test_a_latent_row_owns_its_storage(tmp_path):
+    """A row read from a shard is a copy: a view would carry (and ship to the training process) the whole shard."""
+    from diffusers_selftrans.data import save_latent_shard
+    from diffusers_selftrans.data.latents import _LatentReader
+
+    shard = tmp_path / "latents-00000-rank000.safetensors"
+    save_latent_shard(str(shard), {"latent_mean": torch.randn(50, 4, 8, 8), "latent_std": torch.rand(50, 4, 8, 8),
+                                   "class_labels": torch.arange(50)}, {})
+    item = _LatentReader([str(shard)], [0], has_flip=False)[7]
+    assert item["latent_mean"].untyped_storage().nbytes() == 4 * 8 * 8 * 4 and int(item["class_labels"]) == 7

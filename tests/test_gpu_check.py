@@ -22,7 +22,7 @@ ALLOWED_EXTRA_FLAGS = {"--latents_dir", "--vae_name_or_path", "--max_train_steps
                        "--checkpointing_steps", "--validation_steps",
                        # --smoke only: a tiny run on the CPU
                        "--resolution", "--train_batch_size", "--logging_steps", "--validation_num_inference_steps",
-                       "--no-progress"}
+                       "--no-progress", "--torch_compile_backend"}  # --smoke: eager (dynamo traces, no codegen)
 
 
 def load_script():
@@ -222,8 +222,7 @@ def test_smoke_tolerance_is_computed(gc, smoke):
     assert positive(tol["rel_err_fp32_weights_bf16_autocast"]) and positive(tol["rel_err_bf16_weights"])
     assert tol["rel_err_fp32_weights_bf16_autocast"] < 1 and tol["rel_err_bf16_weights"] < 1
     assert tol["within_tolerance"] == (tol["rel_err_fp32_weights_bf16_autocast"] <= gc.GUIDE_AUTOCAST_REL_TOL)
-    assert (tol["readme_h100_rel_err_fp32_weights_bf16_autocast"], tol["readme_h100_rel_err_bf16_weights"]) == (
-        0.024, 0.19)
+    assert not any("h100" in key for key in tol)  # no reference figure without its result file
 
 
 def test_smoke_figures_are_finite_and_positive(smoke, gc):

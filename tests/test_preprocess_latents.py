@@ -74,7 +74,8 @@ def _argv(root, out, *extra):
     return [
         "--train_data_dir", str(root / "folder"), "--cache_dir", str(root / "cache"), "--resolution", str(RES),
         "--vae_name_or_path", str(root / "vae"), "--output_dir", str(out), "--batch_size", "2", "--shard_size", "3",
-        "--num_sanity_images", "1", "--max_skip_fraction", "0.2", *extra,  # the folder holds 1 corrupt image of 10
+        "--num_sanity_images", "1", "--max_skip_fraction", "0.2", "--dataloader_num_workers", "0",
+        *extra,  # the folder holds 1 corrupt image of 10
     ]  # fmt: skip
 
 

@@ -53,6 +53,7 @@ def flags(assets, output_dir, **extra):
         "cache_dir": assets / "hf_cache", "resolution": 16, "train_batch_size": 4, "max_train_steps": 4,
         "checkpointing_steps": 2, "validation_steps": 2, "validation_num_inference_steps": 2,
         "output_dir": output_dir, "report_to": "none", "seed": 0,
+        "dataloader_num_workers": 0,  # the tests run alone on few cores (the default would start workers)
     }
     base.update(extra)
     argv = []

@@ -269,8 +269,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--dataloader_num_workers",
         type=int,
-        default=0,
-        help="Decoding workers per process (0 = decode in the main process). The sample order does not depend on it.",
+        default=None,
+        help="Decoding workers per process (0 = decode in the main process). Default: 0 with --latents_dir, else the "
+        "cores per local process minus one, at most 8 (data.config.default_num_workers). The sample order does not "
+        "depend on it.",
     )
     return parser
 

@@ -7,7 +7,7 @@
 * `stream.py`   `TrainDataStream`: per-process batches forever with an exact, resumable data position.
 """
 
-from .config import MIN_SAMPLES_FOR_SKIP_CHECK, DataConfig
+from .config import MIN_SAMPLES_FOR_SKIP_CHECK, DataConfig, default_num_workers
 from .images import CROP_RECIPE, adm_center_crop, image_to_tensor, open_image, preprocess_image, to_rgb
 from .latents import (LATENT_FORMAT_VERSION, LATENT_SHARD_RE, LATENT_STATS_FILE, LatentSource, check_latent_stats,
                       latent_shard_name, list_latent_shards, read_latent_shard_metadata, save_latent_shard)

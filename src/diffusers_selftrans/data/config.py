@@ -6,6 +6,7 @@ once with `DataConfig.from_namespace(args)`.
 
 import argparse
 import dataclasses
+import os
 from typing import Optional
 
 
@@ -21,6 +22,23 @@ DEFAULT_MAX_SKIP_FRACTION = 0.01
 # Streaming data of unknown size: the skip rate is only judged after this many images (or at the end of the first
 # epoch), so one bad file early on does not stop a run. Data of known size is judged from the first read instead.
 MIN_SAMPLES_FOR_SKIP_CHECK = 1000
+# Decoding workers when `--dataloader_num_workers` is not given, for images: one JPEG worker (decode, RGB, ADM crop,
+# flip, to tensor at 256 px) reads ~191 img/s per core and SiT-B/2's stage 2 takes ~214 img/s per GPU (paper §4.5),
+# i.e. ~1.1 cores per GPU (benchmarks/results/data_throughput). The cap leaves headroom for slower cores, larger
+# originals or faster models without starting dozens of processes on a big node.
+MAX_AUTO_NUM_WORKERS = 8
+
+
+def default_num_workers(latents: bool) -> int:
+    """Decoding workers per process when none are given: 0 for pre-encoded latents (the training process reads one
+    ~200x faster than a worker can hand it over: benchmarks/results/data_throughput); for images the cores of this
+    process (the machine's usable cores / `LOCAL_WORLD_SIZE`) minus one for the training loop, between 1 and
+    `MAX_AUTO_NUM_WORKERS`."""
+    if latents:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(MAX_AUTO_NUM_WORKERS, max(1, per_process - 1))
 
 
 @dataclasses.dataclass
@@ -44,7 +62,8 @@ class DataConfig:
     shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE  # shuffle buffer for streaming data (undecoded records)
     max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # stop when more images than this cannot be decoded
     streaming: Optional[bool] = None  # `load_dataset(streaming=...)`; None: stream Hub ids, not local data
-    dataloader_num_workers: int = 0  # decoding workers per process (0 = main process); the order does not change
+    # decoding workers per process (0 = main process; None = `default_num_workers`); the order does not change
+    dataloader_num_workers: Optional[int] = None
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "DataConfig":

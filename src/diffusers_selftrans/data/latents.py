@@ -197,7 +197,8 @@ class _LatentReader(torch.utils.data.Dataset):
         names = ["latent_mean", "latent_std", "class_labels"]
         if self.has_flip:
             names += ["latent_mean_flip", "latent_std_flip"]
-        item = {name: handle.get_slice(name)[row : row + 1][0] for name in names}
+        # a copy: a view would keep (and, through a DataLoader worker, ship) the whole shard's storage with each row
+        item = {name: handle.get_slice(name)[row : row + 1][0].clone() for name in names}
         bad = [name for name in names[:2] + names[3:] if not bool(torch.isfinite(item[name]).all())]
         if bad:  # skipped and counted like an undecodable image (--max_skip_fraction), named
             return {"error": f"non-finite {', '.join(bad)}", "description": f"row {row} of {self.files[shard]}"}

@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional
 import numpy as np
 import torch
 
-from .config import MIN_SAMPLES_FOR_SKIP_CHECK, DataConfig, check_data_config
+from .config import MIN_SAMPLES_FOR_SKIP_CHECK, DataConfig, check_data_config, default_num_workers
 from .latents import LatentSource, check_latent_stats
 from .sources import ImageSource, LabelError
 
@@ -121,6 +121,15 @@ def ordered_map(reader: torch.utils.data.Dataset, keys: Iterable, num_workers: i
     yield from loader
 
 
+def _original_message(error: Exception) -> str:
+    """The message of an error raised in a DataLoader worker, without the worker traceback torch wraps around it."""
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]  # "package.module.LabelError: <the message>"
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def _encode_rng(state: torch.Tensor) -> str:
     return base64.b64encode(state.numpy().tobytes()).decode("ascii")
 
@@ -186,7 +195,6 @@ class TrainDataStream:
         self.batch_size, self.seed = batch_size, seed
         self.process_index, self.num_processes = process_index, num_processes
         self.random_flip = bool(config.random_flip)
-        self.num_workers = int(config.dataloader_num_workers)
 
         latents_dir = config.latents_dir
         if latents_dir:
@@ -209,6 +217,8 @@ class TrainDataStream:
             self.source = ImageSource(config)
             self.latent_stats = None
         self.is_latent = self.source.is_latent
+        workers = config.dataloader_num_workers
+        self.num_workers = default_num_workers(self.is_latent) if workers is None else int(workers)
         self.num_classes = self.source.num_classes
         self.id2label = self.source.id2label
         self.num_examples = self.source.num_examples
@@ -270,7 +280,7 @@ class TrainDataStream:
             except LabelError as error:
                 raise LabelError(
                     f"Bad label in record {consumed} of epoch {self.epoch} read by process {self.process_index} "
-                    f"(counted from 0 in this process's order of the epoch): {error}"
+                    f"(counted from 0 in this process's order of the epoch): {_original_message(error)}"
                 ) from error
             if item is None:
                 break
