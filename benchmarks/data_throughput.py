@@ -307,31 +307,15 @@ def children_cpu_seconds() -> Dict[int, float]:
     return cpu
 
 
-class ClonedRows(torch.utils.data.Dataset):
-    """A latent reader whose items own their memory: what the stream would hand a worker's items over with if
-    `_LatentReader.__getitem__` cloned the row instead of returning a view of the whole shard tensor (a would-be fix,
-    timed for comparison only)."""
-
-    def __init__(self, reader):
-        self.reader = reader
-
-    def __getitem__(self, key):
-        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.reader[key].items()}
-
-
-def time_stream(config: DataConfig, batch_size: int, seed: int, max_seconds: float,
-                wrap_reader=None) -> Dict[str, Any]:
+def time_stream(config: DataConfig, batch_size: int, seed: int, max_seconds: float) -> Dict[str, Any]:
     """Read `TrainDataStream` batches: start-up, a warm-up, then batches timed one by one until the first epoch ends
     or `max_seconds` have been timed (an epoch end restarts the workers: not a steady-state cost).
 
     Wall time gives the rates of this machine; CPU time (the training process's, and the workers' from /proc) gives
-    what a worker delivers on a core of its own, which does not depend on what else runs here. `wrap_reader`
-    replaces the stream's per-item reader (`ClonedRows`).
+    what a worker delivers on a core of its own, which does not depend on what else runs here.
     """
     build_start = time.perf_counter()
     stream = TrainDataStream(config, batch_size, seed=seed)
-    if wrap_reader is not None:
-        stream.source.reader = wrap_reader(stream.source.reader)
     build_s = time.perf_counter() - build_start
     max_batches = stream.batches_per_epoch - WARMUP_BATCHES
     workers = config.dataloader_num_workers
@@ -456,8 +440,6 @@ def markdown(result: Dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     rows = [("JPEG", row) for row in jpeg["stream"]] + [("latents", row) for row in latents["stream"]]
-    if "cloned_rows_1_worker" in latents:
-        rows.append(("latents, rows cloned (would-be fix)", latents["cloned_rows_1_worker"]))
     for name, row in rows:
         lines.append(f"| {name} | {row['num_workers']} | {row['img_per_s']:.0f} | "
                      f"{row['wall_img_per_s_per_worker']:.0f} | **{row['per_worker_img_per_s']:.0f}** | "
@@ -547,16 +529,6 @@ def reading(result: Dict[str, Any]) -> List[str]:
                 f"CPU per latent receiving it from a worker ({best['main_process_cpu_ms_per_image']:.2f} ms) than "
                 f"reading it itself ({by_workers[0]['main_process_cpu_ms_per_image']:.2f} ms): {why}."
             )
-            cloned = latents.get("cloned_rows_1_worker")
-            if cloned is not None:
-                still = cloned["img_per_s"] < by_workers[0]["img_per_s"]
-                text.append(
-                    f"- With the rows cloned in the reader (a would-be fix of `_LatentReader`, timed here only), 1 "
-                    f"worker gives {cloned['img_per_s']:.0f} img/s and costs the training process "
-                    f"{cloned['main_process_cpu_ms_per_image']:.2f} ms per latent: "
-                    + ("still slower than 0 workers. Read latents with `--dataloader_num_workers 0`."
-                       if still else "faster than 0 workers.")
-                )
         else:
             text.append(f"- Latents read fastest with {best['num_workers']} workers ({best['img_per_s']:.0f} img/s).")
     text.append(
@@ -642,17 +614,11 @@ def run(args: argparse.Namespace, command: str, work_dir: str) -> Dict[str, Any]
     target = args.target_images_per_sec
     jpeg = dict(per_worker_figure(jpeg_rows), stages=stages, stream=jpeg_rows)
     latent = dict(per_worker_figure(latent_rows), stream=latent_rows)
-    # Diagnosis of the worker rows: how much memory an item's tensors keep (views of the whole shard tensor?), and
-    # the stream with rows cloned (the would-be fix) through one worker.
+    # Diagnosis of the worker rows: how much memory an item's tensors keep (a view of the whole shard tensor would
+    # ship the shard through shared memory with every item)
     item = LatentSource(latents_dir).reader[0]
     latents["item_kb"] = sum(t.nbytes for t in item.values()) / 1e3
     latents["item_storage_kb"] = sum(t.untyped_storage().nbytes() for t in item.values()) / 1e3
-    if any(workers > 0 for workers in args.num_workers):
-        config = DataConfig(latents_dir=latents_dir, resolution=RESOLUTION, random_flip=True,
-                            dataloader_num_workers=1)
-        latent["cloned_rows_1_worker"] = time_stream(config, args.batch_size, args.seed, args.seconds_per_row,
-                                                     wrap_reader=ClonedRows)
-        print(f"latents 1 worker, rows cloned: {latent['cloned_rows_1_worker']['img_per_s']:.0f} img/s", flush=True)
     for block in (jpeg, latent):
         block["cores_per_gpu"] = target / block["per_worker_img_per_s"]
     return {

@@ -49,9 +49,8 @@ def test_files_and_command(bench, smoke_run):
     assert images["jpeg_quality"] == 90 and 60 < images["mean_kb"] < 200
     assert latents["shape"] == [4, 32, 32] and latents["with_flip"] is True
     assert latents["item_kb"] == pytest.approx(4 * 4 * 32 * 32 * 4 / 1e3 + 0.008)  # four float32 moments + label
-    assert latents["item_storage_kb"] >= latents["item_kb"]
-    cloned = data["latents"]["cloned_rows_1_worker"]  # the would-be fix, timed next to the library's reader
-    assert cloned["num_workers"] == 1 and cloned["img_per_s"] > 0
+    # a row owns its memory (the library copies it out of the shard): nothing else travels to a worker's consumer
+    assert latents["item_storage_kb"] == pytest.approx(latents["item_kb"])
     assert (work / "latents" / "stats.json").is_file()
     env = data["environment"]
     for key in ("python", "torch", "pillow", "cpu_model", "logical_cpus"):

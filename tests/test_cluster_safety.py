@@ -413,3 +413,14 @@ def test_a_nan_row_is_skipped_naming_its_shard(assets, latents, tmp_path, caplog
         train_align.main(latent_flags(assets, tmp_path / "run", damaged, max_train_steps=6, max_skip_fraction=0.5))
     assert f"row 5 of {shard}" in caplog.text and "non-finite latent_mean" in caplog.text
     assert all(r["nonfinite_skipped"] == 0 for r in read_losses(tmp_path / "run").values())  # not a NaN loss
+
+
+def test_the_lock_and_the_text_cache_are_never_pushed(tmp_path):
+    import fnmatch
+
+    from diffusers_selftrans import hub
+
+    names = [R.LOCK_NAME, f"{R.LOCK_NAME}.stale-host-1", "text_embeddings/0a1b.safetensors",
+             "text_embeddings/provenance.json", "checkpoint-4/optimizer.bin"]
+    assert all(any(fnmatch.fnmatch(n, p) for p in hub.HUB_IGNORE_PATTERNS) for n in names)
+    assert not any(fnmatch.fnmatch("model_index.json", p) for p in hub.HUB_IGNORE_PATTERNS)

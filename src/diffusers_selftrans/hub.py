@@ -20,7 +20,9 @@ from .checkpointing import CHECKPOINT_PREFIX
 # The card templates ship inside the package (package_data in setup.py), so an installed wheel finds them too.
 MODEL_CARDS_FOLDER = "model_cards"
 # Everything that is not part of the published pipeline.
-HUB_IGNORE_PATTERNS = [f"{CHECKPOINT_PREFIX}*", "logs/*", "*.tmp", "samples/step-*"]
+# Never uploaded: checkpoints, logs, step grids, partial writes, the run's folder lock (`runs.LOCK_NAME`, held while
+# the run pushes) and the text-to-image script's text-embedding cache.
+HUB_IGNORE_PATTERNS = [f"{CHECKPOINT_PREFIX}*", "logs/*", "*.tmp", "samples/step-*", ".run.lock*", "text_embeddings/*"]
 
 
 def render_model_card(output_dir: Union[str, os.PathLike], *, template: str, hyperparameters: dict, command: str,
