@@ -128,7 +128,7 @@ def main(args=None):
         model.enable_gradient_checkpointing()
     method = build_alignment(args.alignment, model.config, **cli.alignment_options(args, args.alignment))
     if accelerator.is_main_process:  # with what the data resolved (steps per epoch, max steps)
-        cli.save_args(args, output_dir / "args.json")
+        C.save_args(args, output_dir / "args.json")
     heads = method.trainable_modules()  # projectors / heads: prepared (DDP) on their own, never the method object
     ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,
                    model_cls=SiTTransformer2DModel, model_config=model.config)
@@ -168,7 +168,7 @@ def main(args=None):
         if ema_teacher is not None:
             ema.copy_to(ema_teacher.parameters())  # SRA's teacher is the loaded EMA, as in an uninterrupted run
         if accelerator.is_main_process:
-            cli.save_args(args, output_dir / "args.json")  # the values in effect and the resume history
+            C.save_args(args, output_dir / "args.json")  # the values in effect and the resume history
     else:
         set_seed(args.seed, device_specific=True)  # on resume, load_state restored every process's RNG instead
     if accelerator.is_main_process and args.report_to != "none":

@@ -153,7 +153,7 @@ def main(args=None):
                             **{k: v for k, v in options.items() if v is not None})
     del teacher  # the guide holds it, and releases it at the guide stop: no other reference may keep it alive
     if accelerator.is_main_process:  # with what the data and the guide resolved (steps, guide stop)
-        cli.save_args(args, output_dir / "args.json")
+        C.save_args(args, output_dir / "args.json")
     heads = guide.trainable_modules()  # the projector: prepared (DDP) on its own, never the guide object
     ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,
                    model_cls=SiTTransformer2DModel, model_config=model.config)
@@ -185,7 +185,7 @@ def main(args=None):
                                                              provenance=provenance,
                                                              allow_inexact=args.allow_inexact_resume)
         if accelerator.is_main_process:
-            cli.save_args(args, output_dir / "args.json")  # the values in effect and the resume history
+            C.save_args(args, output_dir / "args.json")  # the values in effect and the resume history
     else:
         set_seed(args.seed, device_specific=True)  # on resume, load_state restored every process's RNG instead
     if accelerator.is_main_process and args.report_to != "none":

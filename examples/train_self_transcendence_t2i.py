@@ -587,7 +587,7 @@ def main(args=None):
         C.register_checkpoint_hooks(accelerator, ema, transformer_cls=transformer_cls)
     transport = Transport(time_sampling=args.time_sampling)
     if accelerator.is_main_process:
-        cli.save_args(args, output_dir / "args.json")
+        C.save_args(args, output_dir / "args.json")
 
     # 5.5 Resume (exact: weights, EMA, optimizer, warm-up, RNG of every process, data position, loss guard)
     global_step = 0
@@ -610,7 +610,7 @@ def main(args=None):
         for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas):
             group["lr"] = args.learning_rate * factor(schedule.last_epoch)
         if accelerator.is_main_process:
-            cli.save_args(args, output_dir / "args.json")
+            C.save_args(args, output_dir / "args.json")
     else:
         set_seed(args.seed, device_specific=True)
     if accelerator.is_main_process and args.report_to != "none":
@@ -685,7 +685,7 @@ def main(args=None):
         grid = save_preview(args, accelerator, pipeline_cls, family, text_pipe, core, export_ema, global_step)
         if grid is not None:
             os.replace(grid, output_dir / "samples.png")
-        hparams = {k: v for k, v in vars(args).items() if "--" + k not in cli.SECRET_FLAGS and k != "launch_command"}
+        hparams = {k: v for k, v in vars(args).items() if "--" + k not in C.SECRET_FLAGS and k != "launch_command"}
         hub.render_model_card(
             output_dir, template="t2i.md", hyperparameters=hparams, command=args.launch_command,
             repo_id=args.hub_model_id or output_dir.name, dataset=args.dataset_name,

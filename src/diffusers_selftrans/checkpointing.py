@@ -19,15 +19,55 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .cli import SECRET_FLAGS, run_arguments, save_args
 from .models import AlignmentProjector, SiTTransformer2DModel
 from .provenance import check_provenance, read_provenance, write_provenance
 
 logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run's arguments as recorded in `args.json`, checkpoints and model cards (secrets removed)
+
+SECRET_FLAGS = ("--hub_token",)
+
+
+def redact_secrets(argv: Sequence[str]) -> List[str]:
+    """Hide token values (`--hub_token X` or `--hub_token=X`) in anything written to disk or the Hub."""
+    out, hide_next = [], False
+    for item in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+        elif item in SECRET_FLAGS:
+            out.append(item)
+            hide_next = True
+        elif item.split("=", 1)[0] in SECRET_FLAGS:
+            out.append(item.split("=", 1)[0] + "=***")
+        else:
+            out.append(item)
+    return out
+
+
+def run_arguments(args) -> Dict[str, Any]:
+    """The flags of a run as a plain dict without secrets: what `args.json`, resume checks and model cards record."""
+    values = args if isinstance(args, dict) else vars(args)
+    return {k: v for k, v in values.items() if "--" + k not in SECRET_FLAGS}
+
+
+def save_args(args, path: Path):
+    """The resolved arguments (a namespace or a dict) next to the outputs, secrets removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = run_arguments(args)
+    path.write_text(json.dumps(values, indent=2, sort_keys=True, default=str))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
 
 CHECKPOINT_PREFIX = "checkpoint-"
 

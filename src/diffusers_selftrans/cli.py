@@ -13,7 +13,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from .alignment import ALIGNMENT_METHODS
 from .data.config import (
@@ -23,6 +23,7 @@ from .data.config import (
     DEFAULT_SHUFFLE_BUFFER_SIZE,
     MIN_SAMPLES_FOR_SKIP_CHECK,
 )
+from .checkpointing import redact_secrets
 from .training import LOSS_EXPLOSION_FACTOR
 
 # REPA/ST recipe (method-notes §2): AdamW lr 1e-4 constant, betas (0.9, 0.999), wd 0, eps 1e-8, grad clip 1.0,
@@ -138,26 +139,6 @@ def parse_args_with_config(parser: argparse.ArgumentParser, input_args: Optional
     return args
 
 
-SECRET_FLAGS = ("--hub_token",)
-
-
-def redact_secrets(argv: Sequence[str]) -> List[str]:
-    """Hide token values (`--hub_token X` or `--hub_token=X`) in anything written to disk or the Hub."""
-    out, hide_next = [], False
-    for item in argv:
-        if hide_next:
-            out.append("***")
-            hide_next = False
-        elif item in SECRET_FLAGS:
-            out.append(item)
-            hide_next = True
-        elif item.split("=", 1)[0] in SECRET_FLAGS:
-            out.append(item.split("=", 1)[0] + "=***")
-        else:
-            out.append(item)
-    return out
-
-
 def load_config_file(path: str) -> dict:
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
@@ -169,20 +150,6 @@ def load_config_file(path: str) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of flag names to values.")
     return {k.replace("-", "_"): v for k, v in values.items()}
-
-
-def run_arguments(args) -> Dict[str, Any]:
-    """The flags of a run as a plain dict without secrets: what `args.json`, resume checks and model cards record."""
-    values = args if isinstance(args, dict) else vars(args)
-    return {k: v for k, v in values.items() if "--" + k not in SECRET_FLAGS}
-
-
-def save_args(args, path: Path):
-    """The resolved arguments (a namespace or a dict) next to the outputs, secrets removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    values = run_arguments(args)
-    path.write_text(json.dumps(values, indent=2, sort_keys=True, default=str))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ Classifier-free guidance follows REPA: one batched pass with labels `[y, null]` 
 channels guided, and only while `guidance_interval[0] <= t <= guidance_interval[1]`; outside the interval a single
 conditional pass is made. `legacy_cfg_channels=3` restores DiT/SiT's first-3-channels guidance for old FIDs.
 
-The module imports only torch, numpy, diffusers and huggingface_hub from outside this package (its one
-package-relative import is inlined by `diffusers_selftrans.hub.write_remote_code`), so
+The module imports only torch, numpy, diffusers and huggingface_hub from outside this package (its
+package-relative imports are inlined by `diffusers_selftrans.pipelines.remote_code.write_remote_code`), so
 `save_pretrained(..., save_remote_code=True)` can ship it as Hub remote code.
 """
 
@@ -43,14 +43,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, snapshot_download
 
 from ..transport import scheduler_to_model_time
+from .remote_code import BUILTIN_LIBRARIES as _BUILTIN_LIBRARIES  # libraries diffusers loads without remote code
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # A grid time equal to an end of `guidance_interval` counts as inside (REPA's `guidance_low <= t <= guidance_high` on a
 # float64 grid); our float32 timesteps can miss such an end by ~1e-7, so compare with this slack.
 GUIDANCE_INTERVAL_ATOL = 1e-6
-# Libraries diffusers can load components from without remote code (diffusers `LOADABLE_CLASSES`).
-_BUILTIN_LIBRARIES = ("diffusers", "transformers", "onnxruntime.training")
 
 
 def set_repa_timesteps(
@@ -479,9 +478,9 @@ class SiTPipeline(DiffusionPipeline):
 
     def save_remote_code(self, save_directory: Union[str, os.PathLike]):
         """Make a saved pipeline folder loadable with `DiffusionPipeline.from_pretrained(folder,
-        trust_remote_code=True)` where this package is not installed: `diffusers_selftrans.hub.write_remote_code`."""
+        trust_remote_code=True)` where this package is not installed: `pipelines.remote_code.write_remote_code`."""
         # imported by name when called: a package-relative import at the top would be inlined into the remote code
-        importlib.import_module("diffusers_selftrans.hub").write_remote_code(self, save_directory)
+        importlib.import_module("diffusers_selftrans.pipelines.remote_code").write_remote_code(self, save_directory)
 
 
 # ---------------------------------------------------------------------- helpers
