@@ -696,7 +696,8 @@ def main(args=None):
             extra={"pipeline_class": pipeline_cls.__name__, "stage": args.stage,
                    "pretrained_model": args.pretrained_model_name_or_path},
             tags=["diffusers", "diffusers-selftrans", "self-transcendence", "text-to-image", family, "flow-matching"],
-            pipeline_tag="text-to-image")
+            pipeline_tag="text-to-image",  # the license: the base pipeline's (its VAE and text encoders ship here)
+            license_from=[args.pretrained_model_name_or_path, args.guiding_model_name_or_path])
         if args.push_to_hub:
             repo_id = hub.push_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token,
                                       private=args.hub_private, commit_message=f"Upload {pipeline_cls.__name__}")
