@@ -44,6 +44,31 @@ SHORT_RUN_EMA_DECAY = 0.99
 # REPA's lr 1e-4 is tuned for SiT-B+ at batch 256 over 400K steps; a depth-6 / width-128 SiT trained for a few hundred
 # steps barely learns its class embedding at that rate (measured here: loss 0.43 after 300 steps vs 0.35 at 1e-3).
 TINY_LEARNING_RATE = 1e-3
+# Results are committed from whichever machine ran them, so they record no folder of that machine (see recorded_path).
+# The settings that hold paths, in this benchmark, convergence_t2i.py and evidence.py:
+PATH_SETTINGS = ("output_dir", "train_data_dir", "vae_name_or_path", "model", "repa_encoder", "merge_results")
+OUTPUT_DIR_PLACEHOLDER = "OUTPUT_DIR"
+
+
+def recorded_path(path, output_dir):
+    """`path` as a results file records it: relative to `output_dir` when inside it (run folders, the data written
+    there), `OUTPUT_DIR` for the output folder itself, relative to the repository when inside it
+    (`examples/assets/digits-vae`), `.../<name>` anywhere else on the machine. What is no local path (None, a Hub id,
+    a preset name such as `SiT-B/2`, a dict) is returned unchanged."""
+    if not isinstance(path, (str, os.PathLike)) or not (os.path.isabs(path) or os.path.exists(path)):
+        return path
+    path, out = Path(path).resolve(), Path(output_dir).resolve()
+    if path == out:
+        return OUTPUT_DIR_PLACEHOLDER
+    for base in (out, ROOT):
+        if path.is_relative_to(base):
+            return path.relative_to(base).as_posix()
+    return f".../{path.name}"
+
+
+def recorded_settings(args, output_dir):
+    """The parsed flags as the results record them: every path setting through `recorded_path`."""
+    return {k: recorded_path(v, output_dir) if k in PATH_SETTINGS else v for k, v in vars(args).items()}
 
 
 def parse_args(input_args=None):
@@ -258,7 +283,7 @@ def main(args=None):
                                                         num_classes, extra_seconds=extra)
 
     summary = summarize(curves, args.methods)
-    result = {"settings": {k: v for k, v in vars(args).items()}, "curves": curves, "summary": summary,
+    result = {"settings": recorded_settings(args, out), "curves": curves, "summary": summary,
               "benchmark_seconds": round(time.perf_counter() - start, 1), "machine": os.uname().machine}
     (out / "curves.json").write_text(json.dumps(result, indent=2, default=str))
     table = write_report(summary, args, out)

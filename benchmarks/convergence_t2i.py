@@ -306,7 +306,7 @@ def main(args=None):
 
     # 3. Mean and spread over seeds, the table and the plot (convergence.py's), everything in curves.json
     summary = convergence.summarize(curves, list(RUNS))
-    result = {"settings": {k: v for k, v in vars(args).items()}, "curves": curves, "summary": summary,
+    result = {"settings": convergence.recorded_settings(args, out), "curves": curves, "summary": summary,
               "benchmark_seconds": round(time.perf_counter() - start, 1), "machine": os.uname().machine}
     (out / "curves.json").write_text(json.dumps(result, indent=2, default=str))
     table = convergence.write_report(summary, args, out)

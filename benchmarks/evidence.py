@@ -253,9 +253,12 @@ def parse_args(input_args=None):
     args.mid_step = max(args.eval_every, args.eval_every * round(TREND_MID_FRACTION * args.steps / args.eval_every))
     check_schedule(args, rows, p.error)
     if args.merge_results:
+        from convergence import recorded_settings
+
         previous = json.loads((Path(args.merge_results) / "results.json").read_text())["settings"]
-        differ = {k: (previous.get(k), getattr(args, k)) for k in MERGE_SETTINGS if previous.get(k) != getattr(args, k)
-                  and not (isinstance(previous.get(k), float) and math.isclose(previous[k], getattr(args, k)))}
+        here = recorded_settings(args, args.output_dir)  # paths as each output records them: no machine's folders
+        differ = {k: (previous.get(k), here[k]) for k in MERGE_SETTINGS if previous.get(k) != here[k]
+                  and not (isinstance(previous.get(k), float) and math.isclose(previous[k], here[k]))}
         if differ:
             p.error(f"--merge_results {args.merge_results} ran with other settings (there, here): {differ}.")
     return args
@@ -317,9 +320,11 @@ def run_training(script: str, flags, folder: Path, events: Path):
     if code != 0 or not (folder / "model_index.json").exists():
         tail = (folder / "train.log").read_text()[-LOG_TAIL_CHARS:]
         raise RuntimeError(f"Training failed (exit {code}): {' '.join(argv)}\n--- {folder / 'train.log'} ---\n{tail}")
-    with open(events, "a") as f:
-        f.write(json.dumps({"run": str(folder), "resumed": resumed, "seconds": round(time.perf_counter() - start, 1)})
-                + "\n")
+    from convergence import recorded_path
+
+    with open(events, "a") as f:  # the run folder relative to the output folder (runs/<row>/seed<n>)
+        f.write(json.dumps({"run": recorded_path(folder, events.parent), "resumed": resumed,
+                            "seconds": round(time.perf_counter() - start, 1)}) + "\n")
     return True
 
 
@@ -591,6 +596,8 @@ def fmt(row, key="fid", digits=None):
 
 def write_results(args, ctx, rows):
     """results.json, results.md, loss_curves.json and the plots, from every finished evaluation."""
+    from convergence import recorded_path, recorded_settings
+
     out = ctx["out"]
     curves, loss_curves, losses = collect(args, ctx, rows)
     summary = summarize(curves)
@@ -611,11 +618,13 @@ def write_results(args, ctx, rows):
             trends.append({"trend": what, "better": better, "worse": worse, "verdict": "not yet run"})
     equal = equal_compute(final)
     equal["along_curve"] = equal_compute_curve(summary)
-    result = {"settings": {k: v for k, v in vars(args).items()}, "flops_per_image": ctx["flops"],
-              "vae": ctx["vae_metrics"], "loss_match": ctx["loss_match"], "convergence": flat,
+    vae = ctx["vae_metrics"] and dict(ctx["vae_metrics"], data=recorded_path(ctx["vae_metrics"]["data"], out))
+    result = {"settings": recorded_settings(args, out), "flops_per_image": ctx["flops"],
+              "vae": vae, "loss_match": ctx["loss_match"], "convergence": flat,
               "equal_compute": equal, "trends": trends, "summary": summary, "curves": curves, "losses": losses,
               "runs_finished": sorted(f"{n}/seed{s}" for (n, s) in set(ctx["evals"]) | ctx["merged"]),
-              "runs_merged": {"from": args.merge_results, "runs": sorted(f"{n}/seed{s}" for (n, s) in ctx["merged"])},
+              "runs_merged": {"from": recorded_path(args.merge_results, out),
+                              "runs": sorted(f"{n}/seed{s}" for (n, s) in ctx["merged"])},
               "machine": os.uname().machine}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "loss_curves.json").write_text(json.dumps(loss_curves))
@@ -682,14 +691,17 @@ def curves_markdown(summary):
 
 
 def report_markdown(args, ctx, rows, final, mid, flat, trends, equal, summary, losses):
+    from convergence import recorded_path
+
     lines = [f"# Evidence benchmark ({'smoke' if args.smoke else 'quick' if args.quick else 'full'})", "",
              f"Budget {args.steps} steps (stage 1 {args.stage1_steps}, guide stop {args.guide_stop_step}), batch "
              f"{args.batch_size}, lr {args.learning_rate:g}, EMA {args.ema_decay:.5f}, evaluations every "
              f"{args.eval_every} steps; feature-FID of {args.samples_per_class} samples/class (Euler "
-             f"{args.sampling_steps}, no CFG). Data: {ctx['data_dir']}; VAE {ctx['vae']}"
+             f"{args.sampling_steps}, no CFG). Data: {recorded_path(ctx['data_dir'], ctx['out'])}; VAE "
+             f"{recorded_path(ctx['vae'], ctx['out'])}"
              + (f" (held-out PSNR {ctx['vae_metrics']['held_out_psnr']:.1f} dB)" if ctx["vae_metrics"] else "") + ".",
-             "", *([f"{len(ctx['merged'])} of the runs finished in {args.merge_results} (not here) and are "
-                    "reported from its results.json and loss_curves.json (--merge_results).", ""]
+             "", *([f"{len(ctx['merged'])} of the runs finished in {recorded_path(args.merge_results, ctx['out'])} "
+                    "(not here) and are reported from its results.json and loss_curves.json (--merge_results).", ""]
                    if ctx["merged"] else []),
              f"Convergence: the last {FLAT_TAIL_FRACTION:.0%} of vanilla's curve is **{flat['verdict']}**"
              + (f" (FID moved {flat['fid_change']:.2f} from step {flat['from_step']} to {flat['to_step']}, seed std "

@@ -12,6 +12,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import convergence_t2i  # noqa: E402
+from test_benchmark_convergence import assert_no_machine_paths  # noqa: E402
 
 
 def test_captions_name_their_class():
@@ -50,3 +51,7 @@ def test_smoke_writes_curves_table_and_plot(tmp_path):
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in convergence_t2i.RUNS)
     assert Image.open(out / "convergence.png").size[0] > 500
+    # no folder of this machine in what is written: paths relative to the output folder or the repository
+    assert_no_machine_paths(out, tmp_path)
+    assert (saved["settings"]["output_dir"], saved["settings"]["vae_name_or_path"]) == (
+        "OUTPUT_DIR", "examples/assets/digits-vae")

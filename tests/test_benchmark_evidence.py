@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import evidence  # noqa: E402
 import flops  # noqa: E402
+from test_benchmark_convergence import assert_no_machine_paths  # noqa: E402
 
 
 def read_events(out):
@@ -72,13 +73,13 @@ def test_evidence_smoke_partial_results_and_resume(tmp_path, monkeypatch):
     assert "| w1_loss_matched | guidance scale | not yet run |" in (out / "results.md").read_text()
     monkeypatch.setattr(evidence, "run_training", real_run)
 
-    first = [Path(e["run"]).relative_to(out).as_posix() for e in read_events(out)]
+    first = [e["run"] for e in read_events(out)]  # relative to the output folder
     assert first == ["runs/vae_align/seed0", "runs/vanilla/seed0", "runs/self_transcendence/seed0",
                      "probes/w1/seed0", "probes/w30/seed0"]
 
     # 2. Run again: only the missing row trains (the probes are finished runs too)
     result = evidence.main(argv)
-    new = [Path(e["run"]).relative_to(out).as_posix() for e in read_events(out)[len(first):]]
+    new = [e["run"] for e in read_events(out)[len(first):]]
     assert new == ["runs/w1_loss_matched/seed0"]
     lm = result["loss_match"]
     assert lm["lambda"] == pytest.approx(evidence.DEFAULT_LAMBDA * lm["loss_w30"] / lm["loss_w1"])
@@ -136,7 +137,7 @@ def test_evidence_smoke_partial_results_and_resume(tmp_path, monkeypatch):
     before = len(read_events(out))
     evidence.main(argv)
     events = read_events(out)[before:]
-    assert [Path(e["run"]).relative_to(out).as_posix() for e in events] == ["runs/self_transcendence/seed0"]
+    assert [e["run"] for e in events] == ["runs/self_transcendence/seed0"]
     assert events[0]["resumed"] is True
 
     # 4. --report_only trains nothing: an unfinished run is left out of the results, the finished ones are kept
@@ -146,6 +147,12 @@ def test_evidence_smoke_partial_results_and_resume(tmp_path, monkeypatch):
     assert len(read_events(out)) == before
     assert "w1_loss_matched/seed0" not in report["runs_finished"] and "vanilla/seed0" in report["runs_finished"]
     assert "| w1_loss_matched | guidance scale | not yet run |" in (out / "results.md").read_text()
+
+    # no folder of this machine in what is written: paths relative to the output folder or the repository
+    assert_no_machine_paths(out, tmp_path)
+    settings = report["settings"]
+    assert (settings["output_dir"], settings["model"]) == ("OUTPUT_DIR", "smoke_model.json")
+    assert "Data: data/digits; VAE examples/assets/digits-vae." in (out / "results.md").read_text()
 
 
 def write_colour_folder(root: Path, per_class=6, size=32):
@@ -168,8 +175,11 @@ def test_evidence_on_a_colour_folder_trains_its_vae(tmp_path):
     vae = out / "vae"
     assert json.loads((vae / "config.json").read_text())["in_channels"] == 3
     assert result["vae"]["held_out_images"] >= 1 and np.isfinite(result["vae"]["held_out_psnr"])
-    assert result["vae"]["data"] == str(data)
+    assert result["vae"]["data"] == ".../colours"  # a folder outside the repository and the output: its name
     assert "held-out PSNR" in (out / "results.md").read_text()
+    assert_no_machine_paths(out, tmp_path)  # the user's folder by its name, the VAE trained here relative to out
+    assert result["settings"]["train_data_dir"] == ".../colours"
+    assert "Data: .../colours; VAE vae (held-out PSNR" in (out / "results.md").read_text()
     assert [r["step"] for r in result["summary"]["vanilla_charged"]] == [2, 4, 6]
     assert json.loads((out / "runs" / "vanilla" / "seed0" / "args.json").read_text())["vae_name_or_path"] == str(vae)
 
@@ -184,8 +194,8 @@ def test_evidence_merges_runs_finished_elsewhere(tmp_path, capsys):
                    "self_transcendence"]
     b = evidence.main(argv)
     # only vanilla trains here: the teacher is not retrained, no run here needs it
-    assert [Path(e["run"]).relative_to(second).as_posix() for e in read_events(second)] == ["runs/vanilla/seed0"]
-    assert b["runs_merged"] == {"from": str(first), "runs": ["self_transcendence/seed0", "vae_align/seed0"]}
+    assert [e["run"] for e in read_events(second)] == ["runs/vanilla/seed0"]
+    assert b["runs_merged"] == {"from": ".../first", "runs": ["self_transcendence/seed0", "vae_align/seed0"]}
     assert b["runs_finished"] == ["self_transcendence/seed0", "vae_align/seed0", "vanilla/seed0"]
     for view in ("vae_align", "self_transcendence"):
         # FIDs, seconds and FLOPs as measured there, the teacher's seconds too (no teacher here to read them from)
@@ -196,11 +206,12 @@ def test_evidence_merges_runs_finished_elsewhere(tmp_path, capsys):
     curves_a, curves_b = (json.loads((d / "loss_curves.json").read_text()) for d in (first, second))
     assert curves_b["self_transcendence"] == curves_a["self_transcendence"] and "vanilla" in curves_b
     assert [t["end"]["step"] for t in b["trends"] if t["worse"] == "vanilla"] == [4, 4]  # both rows beside vanilla
-    assert "2 of the runs finished in" in (second / "results.md").read_text()
+    assert "2 of the runs finished in .../first (not here)" in (second / "results.md").read_text()
+    assert_no_machine_paths(second, tmp_path)
 
     # a row to train here that needs the merged teacher: the teacher is trained here, and reported from here
     b2 = evidence.main(argv + ["w15"])
-    new = [Path(e["run"]).relative_to(second).as_posix() for e in read_events(second)[1:]]
+    new = [e["run"] for e in read_events(second)[1:]]
     assert new == ["runs/vae_align/seed0", "runs/w15/seed0"]
     assert b2["runs_merged"]["runs"] == ["self_transcendence/seed0"]
     # the merged run keeps the teacher seconds measured where it trained, not this machine's retrained teacher's

@@ -136,7 +136,7 @@ class RunLock:
     def release(self) -> None:
         if self.held:
             self.held = False
-            if (_read_lock(self.path) or {}).get("run_id") == self.record["run_id"]:
+            if _read_lock(self.path) == self.record:  # ours still (a resumed run shares the run id: compare all)
                 self.path.unlink(missing_ok=True)
 
 
