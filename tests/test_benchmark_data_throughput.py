@@ -1,7 +1,6 @@
 """Smoke test of benchmarks/data_throughput.py: one tiny in-process run (JPEGs and latent shards through the real
 TrainDataStream with 0 and 1 workers), then checks on what it measured and wrote."""
 
-import importlib.util
 import json
 import math
 import re
@@ -10,20 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from script_loader import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "data_throughput.py"
 REPO_ROOT = SCRIPT.parents[1]
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_data_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark()
+    return load_script(SCRIPT, "benchmark_data_throughput")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Smoke test of benchmarks/memory_table.py: one tiny in-process run into tmp_path, then checks on what it measured
 and wrote (batch linearity, checkpointing, the teacher's weights, the model-state arithmetic, no absolute paths)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,21 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from script_loader import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "memory_table.py"
 STAGES = ("stage1_vae_align", "stage2_guided", "stage2_after_stop")
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_memory_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark()
+    return load_script(SCRIPT, "benchmark_memory_table")
 
 
 @pytest.fixture(scope="module")

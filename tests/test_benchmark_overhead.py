@@ -1,6 +1,5 @@
 """Smoke test of benchmarks/overhead.py: one tiny in-process run, then checks on what it measured and wrote."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -8,20 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from script_loader import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 STEP_KINDS = ("vanilla", "st_guided", "st_after_stop", "stage1_vae_align")
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark()
+    return load_script(SCRIPT, "benchmark_overhead")
 
 
 @pytest.fixture(scope="module")

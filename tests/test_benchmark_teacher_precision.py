@@ -1,6 +1,5 @@
 """Smoke test of benchmarks/teacher_precision.py: one tiny in-process run, then checks on what it measured and wrote."""
 
-import importlib.util
 import json
 import math
 import os
@@ -9,21 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from script_loader import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "teacher_precision.py"
 W_KEYS = {"1.0", "5.0", "30.0"}
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_teacher_precision", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark()
+    return load_script(SCRIPT, "benchmark_teacher_precision")
 
 
 @pytest.fixture(scope="module")
