@@ -239,8 +239,7 @@ def main(args=None):
             repo_id = hub.push_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token,
                                       private=args.hub_private)
             logger.info(f"Pushed to https://huggingface.co/{repo_id}", main_process_only=True)
-    accelerator.end_training()
-    lock.release()
+    R.finish_run(accelerator, lock)
     return output_dir
 
 

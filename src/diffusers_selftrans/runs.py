@@ -272,3 +272,13 @@ def exit_preempted(preemption: Preemption, step: int, checkpoint, lock: Optional
     logger.warning("Preempted at step %d: %s holds everything; rerun the same command with "
                    "--resume_from_checkpoint latest to continue exactly.", step, checkpoint)
     raise Preempted(preemption.exit_code())
+
+
+def finish_run(accelerator, lock: Optional[RunLock] = None) -> None:
+    """The end of a run, on every process: wait until the main process has exported, then end the run together (the
+    trackers, the process group) and release the folder. A process that tore down its process group while another
+    still exported could abort at exit (seen on gloo under load), failing a finished run."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if lock is not None:
+        lock.release()
