@@ -271,7 +271,8 @@ def main(args=None):
                 if method == "self_transcendence":
                     train_run(train_self_transcendence, common + latent_data + [
                         "--guiding_model_name_or_path", str(stage1), "--guide_stop_step", str(stop),
-                        "--output_dir", str(folder)])
+                        # the committed results guided with the EMA (made before raw weights became the default)
+                        "--guiding_weights", "ema", "--output_dir", str(folder)])
                 elif method == "repa":
                     train_run(train_align, common + ["--train_data_dir", data_dir, "--alignment", "repa",
                                                      "--repa_encoder", args.repa_encoder, "--output_dir", str(folder)])

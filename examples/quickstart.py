@@ -145,6 +145,8 @@ def main(args=None):
         "--checkpointing_steps", str(args.stage1_steps), "--validation_steps", str(args.stage1_steps)], args.progress)
     timings["stage2"] = run("stage 2: Self-Transcendence", train_self_transcendence, common + [
         "--guiding_model_name_or_path", str(stage1), "--guide_stop_step", str(stop),
+        # benchmarks/results/quickstart was made guiding with the EMA (before raw weights became the default)
+        "--guiding_weights", "ema",
         "--max_train_steps", str(args.steps), "--output_dir", str(stage2),
         "--checkpointing_steps", str(args.steps), "--validation_steps", str(args.steps)], args.progress)
     timings["vanilla"] = run("vanilla SiT (same steps)", train_align, common + [

@@ -231,6 +231,8 @@ def main(args=None):
     if accelerator.is_main_process:
         T.export_pipeline(output_dir, T.unwrap(accelerator, model), ema, vae, stream.id2label,
                           save_remote_code=args.save_remote_code)
+        # the raw weights too: the released stage 2 guides with them (stage 2's --guiding_weights raw, the default)
+        T.unwrap(accelerator, model).save_pretrained(output_dir / T.GUIDING_WEIGHTS_SUBFOLDERS["raw"])
         T.save_ema_samples(accelerator, model, ema, vae, output_dir / "samples.png", step=global_step, **grid_options)
         hub.write_run_card(output_dir, run_args=vars(args), template="stage1.md", sample_image="samples.png",
                            metrics={"final_loss": log.last.get("loss"), "steps": global_step,

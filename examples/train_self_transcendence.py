@@ -140,7 +140,7 @@ def main(args=None):
     model.train()
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    teacher = T.load_transformer(args.guiding_model_name_or_path, subfolder=args.guiding_model_subfolder)
+    teacher = T.load_guiding_model(args.guiding_model_name_or_path, args.guiding_weights, args.guiding_model_subfolder)
     T.check_guiding_vae(args.guiding_model_name_or_path, vae, allowed=args.allow_guiding_vae_mismatch)
     args.guide_stop_step = guide_stop_step(args, model.config.num_layers)  # recorded in args.json and the card
     options = dict(guided_layer=args.guided_layer, guiding_layer=args.guiding_layer,

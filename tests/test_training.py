@@ -138,6 +138,37 @@ def test_stage2_trains_on_stage1_output_and_stops_the_guide(assets, stage1):
     assert (out / "checkpoint-2" / "projector" / "config.json").exists()
 
 
+def test_stage2_guides_with_the_raw_stage1_weights_by_default(assets, stage1, tmp_path):
+    """The released stage 2 guides with the stage-1 checkpoint's raw weights (ckpt['model']): stage 1 writes them to
+    transformer_raw/, stage 2 loads them unless --guiding_weights ema; a folder without them is refused by name."""
+    import shutil
+
+    def safetensors(folder):
+        return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+    raw, ema = safetensors(stage1 / "transformer_raw"), safetensors(stage1 / "transformer")
+    last = safetensors(stage1 / "checkpoint-4" / "transformer")  # the training weights at the last step
+    assert raw.keys() == last.keys() and all(torch.equal(raw[k], last[k]) for k in raw)
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # two different teachers
+    assert train_self_transcendence.parse_args(flags(assets, tmp_path / "s2", guiding_model_name_or_path=stage1)
+                                               ).guiding_weights == "raw"
+    for weights, expected in (("raw", raw), ("ema", ema)):
+        state = T.load_guiding_model(str(stage1), weights).state_dict()
+        assert all(torch.equal(state[k], expected[k]) for k in expected), weights
+    # a model folder (e.g. a converted released checkpoint) loads as given, whichever weights it holds
+    state = T.load_guiding_model(str(stage1 / "transformer")).state_dict()
+    assert all(torch.equal(state[k], ema[k]) for k in ema)
+    # a stage-1 folder without raw weights: never a silent switch to the EMA
+    older = tmp_path / "older"
+    shutil.copytree(stage1, older, ignore=shutil.ignore_patterns("checkpoint-*", "transformer_raw"))
+    with pytest.raises(ValueError, match=r"no transformer_raw/.*--guiding_weights ema"):
+        T.load_guiding_model(str(older))
+    with pytest.raises(ValueError, match=r"--guiding_weights ema"):
+        train_self_transcendence.main(flags(assets, tmp_path / "s2", guiding_model_name_or_path=older,
+                                            max_train_steps=1))
+    assert T.load_guiding_model(str(older), "ema").config.num_layers == TINY_MODEL["num_layers"]
+
+
 def test_stage2_accepts_the_transformer_subfolder_and_rejects_mismatched_teachers(assets, stage1, tmp_path):
     teacher = T.load_transformer(str(stage1 / "transformer"))
     assert teacher.config.num_layers == TINY_MODEL["num_layers"]

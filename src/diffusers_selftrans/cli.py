@@ -322,8 +322,11 @@ def add_guide_args(parser: argparse.ArgumentParser):
     add_t_range_and_projector_args(g)
     g.add_argument("--guiding_model_name_or_path", type=str, required=False, default=None,
                    help="The stage-1 output folder, its transformer/ subfolder, or a Hub id.")
+    g.add_argument("--guiding_weights", type=str, default="raw", choices=["raw", "ema"],
+                   help="Which stage-1 weights guide: raw (default, what the released stage 2 loads: ckpt['model']; "
+                        "stage 1 writes them to transformer_raw/) or ema (the exported EMA pipeline's transformer/).")
     g.add_argument("--guiding_model_subfolder", type=str, default=None,
-                   help="Subfolder of the guiding model (default: transformer/ when the path is a pipeline).")
+                   help="Load this subfolder of the guiding model as given (overrides --guiding_weights).")
     g.add_argument("--guiding_layer", type=int, default=None, help="Teacher block (default 2n/3).")
     g.add_argument("--guided_layer", type=int, default=None, help="Student block (default n/2).")
     g.add_argument("--guide_cfg_scale", type=float, default=None,

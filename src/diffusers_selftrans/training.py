@@ -118,6 +118,42 @@ def load_transformer(name_or_path: str, subfolder: Optional[str] = None, **kwarg
         ) from None
 
 
+# Which stage-1 weights guide stage 2 (`--guiding_weights`). The released stage 2 loads the stage-1 checkpoint's raw
+# weights (`ckpt['model']`, method-notes §3.2 and §3.5), so `raw` is the default; stage 1 writes them beside its EMA
+# pipeline (`transformer_raw/`). `ema` guides with the exported EMA transformer (`transformer/`).
+GUIDING_WEIGHTS_SUBFOLDERS = {"raw": "transformer_raw", "ema": "transformer"}
+
+
+def load_guiding_model(name_or_path: str, weights: str = "raw", subfolder: Optional[str] = None) -> SiTTransformer2DModel:
+    """The frozen stage-1 model that guides stage 2.
+
+    A stage-1 output folder (or its Hub copy) holds two sets of weights: `weights="raw"` loads `transformer_raw/`
+    (what the released stage 2 guides with), `"ema"` the pipeline's EMA `transformer/`. A folder that is one model
+    (config.json at its root, e.g. a converted released checkpoint) and an explicit `subfolder` load as given. A
+    stage-1 folder without raw weights is an error naming `--guiding_weights ema`, never a silent switch."""
+    if weights not in GUIDING_WEIGHTS_SUBFOLDERS:
+        raise ValueError(f"--guiding_weights {weights!r}: choose one of {sorted(GUIDING_WEIGHTS_SUBFOLDERS)}.")
+    root = Path(os.fspath(name_or_path))
+    if subfolder is not None or (root.is_dir() and (root / "config.json").exists()):
+        logger.info("Guiding model: the weights in %s%s, as given.", name_or_path, f"/{subfolder}" if subfolder else "")
+        return load_transformer(name_or_path, subfolder=subfolder)
+    subfolder = GUIDING_WEIGHTS_SUBFOLDERS[weights]
+    if weights == "raw" and root.is_dir() and not (root / subfolder / "config.json").exists():
+        raise ValueError(
+            f"{name_or_path} has no {subfolder}/: no raw stage-1 weights to guide with (stage 1 writes them since "
+            f"they are the released stage 2's teacher). Pass --guiding_weights ema to guide with its EMA weights "
+            f"(transformer/), or point --guiding_model_name_or_path at a model folder.")
+    try:
+        model = load_transformer(name_or_path, subfolder=subfolder)
+    except ValueError as error:
+        if weights != "raw":
+            raise
+        raise ValueError(f"{name_or_path} has no {subfolder}/ with raw stage-1 weights ({error}). Pass "
+                         f"--guiding_weights ema to guide with its EMA weights (transformer/).") from None
+    logger.info("Guiding model: the %s stage-1 weights of %s (%s/).", weights, name_or_path, subfolder)
+    return model
+
+
 def load_vae(name_or_path: str, subfolder: Optional[str] = None):
     """A frozen `AutoencoderKL` (eval mode, no gradients) from a folder or Hub id."""
     from diffusers import AutoencoderKL
