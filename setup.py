@@ -18,8 +18,8 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",
-        # below 0.50: set_repa_timesteps writes FlowMatchHeunDiscreteScheduler's grid in its own layout (no `sigmas=`);
-        # a layout change is a RuntimeError at run time and fails tests/test_schedulers.py (test_heun_layout_...)
+        # below 0.50: set_repa_timesteps relies on FlowMatchHeunDiscreteScheduler.set_timesteps spacing its sigmas
+        # down to 1/num_train_timesteps; another grid is a RuntimeError and fails tests/test_schedulers.py
         "diffusers>=0.35,<0.50",
         "transformers>=4.40,<6",
         "accelerate>=1.0,<2",

@@ -25,8 +25,7 @@ def one_thread():
 
 @pytest.mark.parametrize("n", [1, 4, 50])
 def test_euler_grid_is_repa_linspace(n):
-    scheduler = FlowMatchEulerDiscreteScheduler()
-    timesteps = set_repa_timesteps(scheduler, n)
+    scheduler, timesteps = set_repa_timesteps(FlowMatchEulerDiscreteScheduler(), n)
     expected = torch.linspace(1, 0, n + 1, dtype=torch.float64)
     torch.testing.assert_close(scheduler.sigmas.double(), expected, atol=1e-7, rtol=0)
     torch.testing.assert_close(timesteps.double(), expected[:-1] * 1000, atol=1e-4, rtol=0)
@@ -35,20 +34,21 @@ def test_euler_grid_is_repa_linspace(n):
 
 @pytest.mark.parametrize("n", [1, 4, 25])
 def test_heun_grid_is_repa_linspace(n):
-    scheduler = FlowMatchHeunDiscreteScheduler()
-    timesteps = set_repa_timesteps(scheduler, n)
+    stock = FlowMatchHeunDiscreteScheduler()
+    scheduler, timesteps = set_repa_timesteps(stock, n)
     grid = torch.linspace(1, 0, n + 1, dtype=torch.float64)
     # first time once, inner times twice (predictor at t_i, corrector at t_{i+1}); the last interval is plain Euler
-    expected_t = torch.cat([grid[:1], grid[1:-1].repeat_interleave(2)]) * 1000
-    torch.testing.assert_close(timesteps.double(), expected_t, atol=1e-4, rtol=0)
+    expected_t = torch.cat([grid[:1], grid[1:-1].repeat_interleave(2)])
+    model_t = scheduler_to_model_time(timesteps.double(), scheduler.config.num_train_timesteps)
+    torch.testing.assert_close(model_t, expected_t, atol=1e-6, rtol=0)
     assert len(timesteps) == 2 * n - 1
+    assert stock.config.num_train_timesteps == 1000 and stock.timesteps.numel() == 1000  # the pipeline's own: untouched
     assert scheduler.sigmas[-1] == 0 and len(scheduler.sigmas) == 2 * n
 
 
 @pytest.mark.parametrize("n", [1, 2, 250])
 def test_sde_grid(n):
-    scheduler = SiTEulerMaruyamaScheduler()
-    timesteps = set_repa_timesteps(scheduler, n)
+    scheduler, timesteps = set_repa_timesteps(SiTEulerMaruyamaScheduler(), n)
     expected = torch.cat([torch.linspace(1, DEFAULT_LAST_STEP_SIZE, n, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     torch.testing.assert_close(scheduler.sigmas.double(), expected, atol=1e-7, rtol=0)
     torch.testing.assert_close(timesteps.double(), expected[:-1] * 1000, atol=1e-4, rtol=0)
@@ -56,44 +56,33 @@ def test_sde_grid(n):
     assert DEFAULT_LAST_STEP_SIZE == 0.04  # SiT `--last-step-size`, REPA `linspace(1., 0.04, num_steps)`
 
 
-def test_heun_shift_and_euler_dynamic_shifting():
-    scheduler = FlowMatchHeunDiscreteScheduler(shift=3.0)
-    set_repa_timesteps(scheduler, 2)
-    # shifted like its own set_timesteps: s' = 3 s / (1 + 2 s) for s = 0.5
-    torch.testing.assert_close(scheduler.sigmas, torch.tensor([1.0, 0.75, 0.75, 0.0]))
+def test_heun_shift_and_euler_dynamic_shifting_are_refused():
+    with pytest.raises(ValueError, match="shift=1"):  # Heun's set_timesteps would shift its grid twice
+        set_repa_timesteps(FlowMatchHeunDiscreteScheduler(shift=3.0), 2)
     with pytest.raises(ValueError, match="use_dynamic_shifting"):
         set_repa_timesteps(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 4)
 
 
-def test_heun_layout_matches_installed_diffusers_and_drift_is_an_error(monkeypatch):
-    """`set_repa_timesteps` writes FlowMatchHeunDiscreteScheduler's `timesteps` / `sigmas` (it has no `sigmas=`): the
-    layout we copy must be the installed diffusers' own, the attributes its `step` reads, and a change an error."""
-    from diffusers_selftrans.pipelines.pipeline_sit import _heun_layout
-
-    for n in (1, 3, 50):
-        stock = FlowMatchHeunDiscreteScheduler(shift=2.0)
-        stock.set_timesteps(n)
-        base = torch.cat([stock.sigmas[:1], stock.sigmas[1:-1:2]])
-        timesteps, sigmas = _heun_layout(base, stock.config.num_train_timesteps)
-        assert torch.equal(timesteps, stock.timesteps) and torch.equal(sigmas, stock.sigmas)
-    # `step` reads exactly these attributes: a Heun step from our grid lands on sigma[2] of the grid we wrote
-    scheduler = FlowMatchHeunDiscreteScheduler()
-    timesteps = set_repa_timesteps(scheduler, 2)
+def test_heun_grid_through_the_public_api_steps_as_repa_and_drift_is_an_error(monkeypatch):
+    """The Heun grid comes from the scheduler's own `from_config` + `set_timesteps` (nothing written into it); its
+    stock `step` then runs REPA's Heun, and a diffusers release with another grid is an error."""
+    scheduler, timesteps = set_repa_timesteps(FlowMatchHeunDiscreteScheduler(), 2)
     assert scheduler.prev_derivative is None and scheduler.dt is None and scheduler.step_index is None
     x = torch.ones(1)
     x = scheduler.step(torch.full_like(x, 2.0), timesteps[0], x).prev_sample  # predictor, t 1 -> 0.5
     assert scheduler.dt == pytest.approx(-0.5) and torch.allclose(x, torch.tensor([0.0]))
+    assert not scheduler.state_in_first_order
     x = scheduler.step(torch.full_like(x, 2.0), timesteps[1], x).prev_sample  # corrector with the same velocity
     torch.testing.assert_close(x, torch.tensor([0.0]))
-    # a diffusers release with another layout is an error, not a silently wrong grid
+    assert scheduler.state_in_first_order
     original = FlowMatchHeunDiscreteScheduler.set_timesteps
 
-    def drifted(self, num_inference_steps, device=None):
+    def drifted(self, num_inference_steps, device=None):  # e.g. a release that spaces down to 1/1000 again
         original(self, num_inference_steps, device=device)
-        self.timesteps = self.timesteps.unique_consecutive()
+        self.sigmas = self.sigmas * 0.999
 
     monkeypatch.setattr(FlowMatchHeunDiscreteScheduler, "set_timesteps", drifted)
-    with pytest.raises(RuntimeError, match="no longer lays out"):
+    with pytest.raises(RuntimeError, match="no longer spaces"):
         set_repa_timesteps(FlowMatchHeunDiscreteScheduler(), 4)
 
 
@@ -195,10 +184,10 @@ def gaussian_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def run_sampler(scheduler, num_steps, x, generator=None):
-    timesteps = set_repa_timesteps(scheduler, num_steps)
+    scheduler, timesteps = set_repa_timesteps(scheduler, num_steps)
     scheduler.set_begin_index(0)
     for t in timesteps:
-        v = gaussian_velocity(x, scheduler_to_model_time(t))
+        v = gaussian_velocity(x, scheduler_to_model_time(t, scheduler.config.num_train_timesteps))
         x = scheduler.step(v, t, x, generator=generator, return_dict=False)[0]
     return x
 
@@ -266,10 +255,10 @@ def test_sde_last_step_is_noise_free_in_distribution():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(65536, generator=g)
     scheduler = SiTEulerMaruyamaScheduler()
-    timesteps = set_repa_timesteps(scheduler, n_steps)
+    scheduler, timesteps = set_repa_timesteps(scheduler, n_steps)
     scheduler.set_begin_index(0)
     for t in timesteps:
-        x = scheduler.step(velocity(x, scheduler_to_model_time(t)), t, x, generator=g, return_dict=False)[0]
+        x = scheduler.step(velocity(x, scheduler_to_model_time(t, scheduler.config.num_train_timesteps)), t, x, generator=g, return_dict=False)[0]
     var_last = (1 - t_last) ** 2 * s**2 + t_last**2
     k = 1 - t_last * (2 * t_last - (1 - t_last) * s**2) / var_last
     ratio = x.var().item() / (k**2 * var_last)

@@ -18,7 +18,6 @@ package-relative imports are inlined by `diffusers_selftrans.pipelines.remote_co
 """
 
 import contextlib
-import difflib
 import importlib
 import inspect
 import math
@@ -43,6 +42,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, snapshot_download
 
 from ..transport import scheduler_to_model_time
+from .labels import build_label_index, normalise_id2label, resolve_label_ids
 from .remote_code import BUILTIN_LIBRARIES as _BUILTIN_LIBRARIES  # libraries diffusers loads without remote code
 
 
@@ -54,48 +54,40 @@ GUIDANCE_INTERVAL_ATOL = 1e-6
 
 def set_repa_timesteps(
     scheduler: SchedulerMixin, num_inference_steps: int, device: Union[str, torch.device, None] = None
-) -> torch.Tensor:
-    """Put `scheduler` on REPA's grid for `num_inference_steps` steps and return its `timesteps`.
+) -> Tuple[SchedulerMixin, torch.Tensor]:
+    """`(scheduler, timesteps)` on REPA's grid for `num_inference_steps` steps: step with the returned scheduler and
+    give the network `timesteps / scheduler.config.num_train_timesteps`.
 
-    - `FlowMatchEulerDiscreteScheduler`: `sigmas = linspace(1, 0, N + 1)[:-1]` through its own `set_timesteps(sigmas=)`.
-    - `FlowMatchHeunDiscreteScheduler` has no `sigmas` argument (as of diffusers 0.42); its `set_timesteps(N)` spaces
-      N sigmas over [1, 1/1000]. We call it (to reset its solver state), check that `_heun_layout` reproduces the
-      `timesteps` / `sigmas` it built (a `RuntimeError` if a diffusers release lays them out otherwise), then lay
-      the uniform grid out the same way, so its stock `step` runs Heun on every interval but the last, which is Euler
-      into t=0: REPA's `euler_sampler(heun=True)`.
+    - `FlowMatchEulerDiscreteScheduler`: `sigmas = linspace(1, 0, N + 1)[:-1]` through its `set_timesteps(sigmas=)`;
+      its `shift` applies as there (1 = REPA).
+    - `FlowMatchHeunDiscreteScheduler` has no `sigmas=`; its `set_timesteps(N)` spaces N sigmas from 1 down to its
+      smallest training sigma, 1/num_train_timesteps. A copy configured with `num_train_timesteps=N`
+      (`from_config`) therefore lays out exactly `1, (N-1)/N, ..., 1/N` with a trailing 0, and its stock `step` runs
+      Heun on every interval but the last, which is Euler into t=0: REPA's `euler_sampler(heun=True)`. Needs
+      `shift=1` (its `set_timesteps` would shift twice); a diffusers release laying out another grid is an error.
     - Any other scheduler (e.g. `SiTEulerMaruyamaScheduler`, whose own grid is REPA's SDE grid) uses `set_timesteps(N)`.
-    The scheduler's `shift` config is applied to the uniform grid as its own `set_timesteps` would (1 = REPA).
     """
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         if scheduler.config.use_dynamic_shifting:
             raise ValueError("SiTPipeline needs `use_dynamic_shifting=False` on FlowMatchEulerDiscreteScheduler.")
-        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
-        scheduler.set_timesteps(sigmas=sigmas, device=device)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1], device=device)
     elif isinstance(scheduler, FlowMatchHeunDiscreteScheduler):
+        if scheduler.config.shift != 1.0:
+            raise ValueError(f"REPA's Heun grid needs shift=1 on FlowMatchHeunDiscreteScheduler, got "
+                             f"{scheduler.config.shift}.")
+        scheduler = FlowMatchHeunDiscreteScheduler.from_config(scheduler.config, num_train_timesteps=num_inference_steps)
         scheduler.set_timesteps(num_inference_steps, device=device)
-        num_train_timesteps = scheduler.config.num_train_timesteps
-        stock = _heun_layout(torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1:-1:2]]), num_train_timesteps)
-        if not (torch.equal(stock[0], scheduler.timesteps) and torch.equal(stock[1], scheduler.sigmas)):
+        grid = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
+        first_order = scheduler.sigmas.cpu().double().unique_consecutive()
+        if first_order.shape != grid.shape or not torch.allclose(first_order, grid, rtol=0, atol=1e-6):
             raise RuntimeError(
-                f"diffusers {diffusers_version}: FlowMatchHeunDiscreteScheduler.set_timesteps no longer lays out its "
-                "grid as SiTPipeline copies it, so REPA's Heun grid cannot be set; use a tested diffusers (see setup.py)."
+                f"diffusers {diffusers_version}: FlowMatchHeunDiscreteScheduler.set_timesteps no longer spaces its "
+                "sigmas down to 1/num_train_timesteps, so REPA's Heun grid cannot be set; use a tested diffusers "
+                "(see setup.py)."
             )
-        sigmas = torch.from_numpy(np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].astype(np.float32))
-        shift = scheduler.config.shift
-        sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).to(device)
-        scheduler.timesteps, scheduler.sigmas = _heun_layout(sigmas, num_train_timesteps)
     else:
         scheduler.set_timesteps(num_inference_steps, device=device)
-    return scheduler.timesteps
-
-
-def _heun_layout(sigmas: torch.Tensor, num_train_timesteps: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`(timesteps, sigmas)` of N sigmas laid out as `FlowMatchHeunDiscreteScheduler.set_timesteps` does: the first
-    timestep once, every later one twice (predictor and corrector), and a trailing 0 sigma."""
-    timesteps = sigmas * num_train_timesteps
-    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
-    return (torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)]),
-            torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]]))
+    return scheduler, scheduler.timesteps
 
 
 class SiTPipeline(DiffusionPipeline):
@@ -126,9 +118,9 @@ class SiTPipeline(DiffusionPipeline):
         if id2label is None and transformer is not None:
             # the transformer may carry its training data's class names in its config
             id2label = getattr(transformer.config, "id2label", None)
-        id2label = _normalise_id2label(id2label)
+        id2label = normalise_id2label(id2label)
         self.register_to_config(id2label=id2label)
-        self._name_to_ids = _build_label_index(id2label or {})
+        self._name_to_ids = build_label_index(id2label or {})
         vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
         self._interrupt = False
@@ -151,42 +143,7 @@ class SiTPipeline(DiffusionPipeline):
         surrounding spaces ignored; a bare string is one label. Raises `ValueError` for unknown names (with close
         matches), ambiguous synonyms and ids outside [0, num_classes).
         """
-        if isinstance(label, (torch.Tensor, np.ndarray)):
-            if label.ndim > 1:
-                raise ValueError(f"class_labels must be 0-D or 1-D, got shape {tuple(label.shape)}.")
-            label = label.tolist()
-        if isinstance(label, (str, int, np.integer)):
-            label = [label]
-        if not isinstance(label, (list, tuple)) or len(label) == 0:
-            raise ValueError(f"class_labels must be an int, a str or a non-empty list of them, got {label!r}.")
-        num_classes = self.transformer.config.num_classes
-        ids = []
-        for item in label:
-            if isinstance(item, (bool, np.bool_)):
-                raise ValueError(f"Class labels must be ints or names, got {item!r}.")
-            if isinstance(item, (int, np.integer)):
-                if not 0 <= int(item) < num_classes:
-                    raise ValueError(f"Class id {int(item)} is outside [0, {num_classes}) for this transformer.")
-                ids.append(int(item))
-            elif isinstance(item, str):
-                ids.append(self._label_id(item))
-            else:
-                raise ValueError(f"Class labels must be ints or names, got {type(item).__name__} {item!r}.")
-        return ids
-
-    def _label_id(self, name: str) -> int:
-        if not self.id2label:
-            raise ValueError(f"Got the class name {name!r} but this pipeline has no `id2label`; pass integer ids.")
-        key = name.strip().lower()
-        ids = self._name_to_ids.get(key)
-        if ids is None:
-            close = difflib.get_close_matches(key, list(self._name_to_ids), n=5)
-            hint = f" Close matches: {close}." if close else ""
-            raise ValueError(f"Unknown class name {name!r}.{hint}")
-        if len(ids) > 1:
-            options = ", ".join(f"{i} ({self.id2label[i]!r})" for i in ids)
-            raise ValueError(f"Class name {name!r} is ambiguous: it names {options}. Pass the id instead.")
-        return ids[0]
+        return resolve_label_ids(label, self.transformer.config.num_classes, self.id2label, self._name_to_ids)
 
     # ------------------------------------------------------------------ sampling
 
@@ -336,14 +293,14 @@ class SiTPipeline(DiffusionPipeline):
         latents = latents.to(device=device, dtype=torch.float32)
 
         # 3. Timesteps
-        timesteps = set_repa_timesteps(self.scheduler, num_inference_steps, device)
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(0)
+        scheduler, timesteps = set_repa_timesteps(self.scheduler, num_inference_steps, device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
         self._num_timesteps = len(timesteps)
         step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
+        if "generator" in inspect.signature(scheduler.step).parameters:
             step_kwargs["generator"] = generator
-        num_train = self.scheduler.config.num_train_timesteps
+        num_train = scheduler.config.num_train_timesteps
         low, high = guidance_interval
         step_times = scheduler_to_model_time(timesteps.cpu(), num_train).tolist()  # host copy: no sync per step
         # Loop invariants, built once: every step's model time (float32, on the device), the [y, null] labels of a
@@ -360,7 +317,7 @@ class SiTPipeline(DiffusionPipeline):
                     continue
                 # REPA tests the guidance interval at the start of the interval, also for Heun's corrector
                 # evaluation (made at the interval's end): a second-order scheduler in its second stage reuses it.
-                if getattr(self.scheduler, "state_in_first_order", True) or interval_t is None:
+                if getattr(scheduler, "state_in_first_order", True) or interval_t is None:
                     interval_t = step_times[i]
                 guided = do_cfg and low - GUIDANCE_INTERVAL_ATOL <= interval_t <= high + GUIDANCE_INTERVAL_ATOL
                 model_input = torch.cat([latents, latents]) if guided else latents
@@ -372,14 +329,16 @@ class SiTPipeline(DiffusionPipeline):
                 )[0].float()
                 if guided:
                     velocity = self._guide(velocity, guidance_scale, legacy_cfg_channels)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False, **step_kwargs)[0]
+                latents = scheduler.step(velocity, t, latents, return_dict=False, **step_kwargs)[0]
                 latents = latents.float()
 
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for k in callback_on_step_end_tensor_inputs:  # a loop, not a comprehension: locals() of this frame
                         callback_kwargs[k] = locals()[k]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    # t in the units of the pipeline's scheduler config (Heun steps a copy with N train steps)
+                    t_pipe = model_times[i] * self.scheduler.config.num_train_timesteps
+                    callback_outputs = callback_on_step_end(self, i, t_pipe, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
 
@@ -484,29 +443,6 @@ class SiTPipeline(DiffusionPipeline):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _normalise_id2label(id2label) -> Optional[Dict[int, str]]:
-    """JSON turns int keys into strings: accept both, store ints."""
-    if id2label is None:
-        return None
-    if not isinstance(id2label, dict):
-        raise ValueError(f"id2label must be a dict {{class id: name}}, got {type(id2label).__name__}.")
-    try:
-        return {int(k): str(v) for k, v in id2label.items()}
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"id2label keys must be class ids (ints or digit strings): {err}") from err
-
-
-def _build_label_index(id2label: Dict[int, str]) -> Dict[str, List[int]]:
-    """Lower-cased full names and comma-separated synonyms -> the ids they name (more than one if ambiguous)."""
-    index: Dict[str, List[int]] = {}
-    for class_id in sorted(id2label):
-        full = id2label[class_id].strip().lower()
-        names = {full} | {s.strip().lower() for s in full.split(",")}
-        for name in names - {""}:
-            index.setdefault(name, []).append(class_id)
-    return index
 
 
 @contextlib.contextmanager
