@@ -198,20 +198,29 @@ def teacher_autocast_dtype(choice: str, mixed_precision: str) -> Optional[torch.
     return AUTOCAST_DTYPES.get(mixed_precision if choice == "auto" else choice)
 
 
+def vae_downsample_factor(vae) -> int:
+    """Pixels per latent cell along a side: what the VAE says (`spatial_compression_ratio`: Sana's `AutoencoderDC`,
+    the video VAEs), else `AutoencoderKL`'s encoder, which halves the side in every block but the last."""
+    ratio = getattr(vae, "spatial_compression_ratio", None)
+    return int(ratio) if ratio else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def vae_latent_size(vae, resolution: int) -> int:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_downsample_factor(vae)
     if resolution % factor:
         raise ValueError(f"--resolution {resolution} is not divisible by the VAE downsampling factor {factor}.")
     return resolution // factor
 
 
 class LatentEncoder:
-    """A data batch -> scaled latents x0 = (z - shift) * scale, z a fresh posterior sample (as REPA, each step)."""
+    """A data batch -> scaled latents x0 = (z - shift) * scale: z a fresh posterior sample each step (as REPA) for a
+    VAE with a posterior (`AutoencoderKL`), the encoder's output for a deterministic one (Sana's `AutoencoderDC`).
+    Scale and shift come from the VAE config (no shift_factor: 0)."""
 
     def __init__(self, vae):
         self.vae = vae
         self.scale = vae.config.scaling_factor
-        self.shift = vae.config.shift_factor or 0.0
+        self.shift = vae.config.get("shift_factor") or 0.0
 
     @torch.no_grad()
     def __call__(self, batch: Dict[str, torch.Tensor], device) -> torch.Tensor:
@@ -221,7 +230,9 @@ class LatentEncoder:
             z = mean + std * torch.randn_like(mean)
         else:
             pixels = batch["pixel_values"].to(device, self.vae.dtype)
-            z = self.vae.encode(pixels).latent_dist.sample().float()
+            encoded = self.vae.encode(pixels)
+            z = encoded.latent_dist.sample() if hasattr(encoded, "latent_dist") else encoded.latent
+            z = z.float()
         return (z - self.shift) * self.scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
