@@ -40,7 +40,8 @@ def block_output(model, layer, x, t, kwargs):
 
 
 def test_t2i_defaults_are_the_released_setting():
-    assert default_t2i_options("vae_align", 24) == {"layer": 4, "t_range": None, "weight": 0.5}
+    assert default_t2i_options("vae_align", 24) == {"layer": 4, "t_range": None, "weight": 0.5,
+                                                     "modulated_head": True}
     assert (4, 24) == T2I_VAE_ALIGN_REFERENCE
     st = default_t2i_options("self_transcendence", 24)
     assert (st["guided_layer"], st["guiding_layer"], 24) == T2I_SELF_TRANSCENDENCE_REFERENCE == (12, 16, 24)
@@ -67,9 +68,83 @@ def test_vae_align_value_on_diffusers_models(family):
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_vae_align_refuses_flux():
-    with pytest.raises(ValueError, match="Flux"):
-        build_alignment("vae_align", build("flux", num_layers=3))
+def time_embedding_by_hand(model, family, t, cond):
+    """The vector each family's final layer is modulated with, from the model's own embedding modules."""
+    timestep = model_timestep(model, t)
+    with torch.no_grad():
+        if family == "sd3":
+            return model.time_text_embed(timestep, cond["pooled_projections"])
+        if family == "flux":
+            return model.time_text_embed(timestep * 1000, cond["pooled_projections"])  # Flux's forward scales by 1000
+        if family == "pixart":
+            return model.adaln_single(timestep, {"resolution": None, "aspect_ratio": None}, batch_size=t.shape[0],
+                                      hidden_dtype=torch.float32)[1]
+        return model.time_embed(timestep, batch_size=t.shape[0], hidden_dtype=torch.float32)[1]  # sana
+
+
+@pytest.mark.parametrize("family", ("sd3", "flux", "pixart", "sana"))
+def test_block_features_return_the_models_time_embedding(family):
+    model = build(family, num_layers=3)
+    b, cond, static = batch(family)
+    feats = BlockFeatures(model)
+    out = feats(b["x_t"], timestep=model_timestep(model, b["t"]), layers=[2], return_time_embedding=True,
+                **cond, **static)
+    hidden = model.config.num_attention_heads * model.config.attention_head_dim
+    assert out.time_embedding.shape == (3, hidden)
+    torch.testing.assert_close(out.time_embedding.detach(), time_embedding_by_hand(model, family, b["t"], cond))
+    assert feats(b["x_t"], timestep=model_timestep(model, b["t"]), layers=[2], **cond, **static).time_embedding is None
+    with pytest.raises(ValueError, match="no time embedding"):
+        BlockFeatures(build("dit", num_layers=3))(torch.zeros(1), layers=[1], return_time_embedding=True)
+
+
+@pytest.mark.parametrize("family", ("sd3", "flux", "pixart", "sana"))
+def test_modulated_stage1_head_value_and_gradient_into_the_time_embedding(family):
+    """The released T2I head: LayerNorm (no affine) -> x (1 + scale) + shift, (shift, scale) = Linear(SiLU(c)) of the
+    model's own c -> Linear; Flux compares packed tokens (the same MSE as on the unpacked grid)."""
+    model = build(family, num_layers=3).train()
+    b, cond, static = batch(family)
+    method = build_alignment("vae_align", model, **dict(default_t2i_options("vae_align", 3), layer=2),
+                             projector_dim=SMALL_PROJ)
+    assert method.needs_time_embedding and method.projector.config.modulation_features is not None
+    out = BlockFeatures(model)(b["x_t"], timestep=model_timestep(model, b["t"]), layers=method.student_layers,
+                               return_time_embedding=True, **cond, **static)
+    loss = method(out.hidden_states, time_embedding=out.time_embedding, **b)["vae_align"]
+    with pytest.raises(ValueError, match="needs `time_embedding`"):
+        method(out.hidden_states, **b)
+    # by hand
+    c = out.time_embedding.detach()
+    x = method.projector.mlp(out.hidden_states[2].detach())
+    shift, scale = method.projector.head_modulation(c).chunk(2, dim=-1)
+    x = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    head = method.projector.head[1](x)
+    if family == "flux":  # unpack both the prediction and the target onto the 8 x 8 latent grid: the same loss
+        def unpack(tokens):
+            return tokens.reshape(3, 4, 4, 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(3, 4, 8, 8)
+
+        expected = (unpack(head) - unpack(b["target"])).pow(2).mean()
+    else:
+        p, ch = model.config.patch_size, model.config.in_channels
+        grid = torch.einsum("nhwpqc->nchpwq", head.reshape(3, 8 // p, 8 // p, p, p, ch)).reshape(3, ch, 8, 8)
+        expected = (grid - b["target"]).pow(2).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    # as in the released code, the head's loss reaches the model's own time embedding
+    loss.backward()
+    embedder = getattr(model, {"sd3": "time_text_embed", "flux": "time_text_embed", "pixart": "adaln_single",
+                               "sana": "time_embed"}[family])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in embedder.parameters())
+
+
+def test_modulated_head_needs_a_time_embedding_and_the_plain_head_stays_the_class_conditional_one():
+    from diffusers_selftrans.models.projector import AlignmentProjector
+
+    with pytest.raises(ValueError, match="modulated_head needs the model's time embedding"):
+        build_alignment("vae_align", build("dit", num_layers=3), modulated_head=True)
+    plain = build_alignment("vae_align", build("sd3", num_layers=3), layer=2, projector_dim=SMALL_PROJ)
+    assert not plain.needs_time_embedding and plain.projector.head_modulation is None
+    with pytest.raises(ValueError, match="set head_features"):
+        AlignmentProjector(8, 8, hidden_features=8, modulation_features=8)
+    with pytest.raises(ValueError, match="unmodulated one takes none"):
+        plain.projector(torch.zeros(1, 4, 32), torch.zeros(1, 32))
 
 
 def make_st(family, student_layers=3, teacher_layers=4, **options):

@@ -58,6 +58,9 @@ T2I_T_RANGE = None
 T2I_GUIDE_STOP_STEP = 50_000
 # `--proj-coeff=0.5` in both T2I scripts (as for SiT).
 T2I_WEIGHT = 0.5
+# The released T2I stage 1 aligns through a time-modulated head (`projectors_final = FinalLayer(...)` called with the
+# model's c, `models/mmdit_vaeloss.py`); the class-conditional stage 1's head is unmodulated (`FinalLayer_2`).
+T2I_MODULATED_HEAD = True
 
 
 def _round_half_up(x: float) -> int:
@@ -113,11 +116,12 @@ def default_layers(method: str, num_layers: int) -> Dict[str, int]:
 def default_t2i_options(method: str, num_layers: int) -> Dict[str, Any]:
     """The released T2I setting as `build_alignment` options for a `num_layers`-block diffusers transformer.
 
-    vae_align: block n/6 (4 of 24), no t_range, weight 0.5; self_transcendence: guided n/2 <- guiding 2n/3
+    vae_align: block n/6 (4 of 24), no t_range, weight 0.5, time-modulated head; self_transcendence: guided n/2 <- guiding 2n/3
     (12 <- 16 of 24), w = 5, no t_range, weight 0.5, guide stop after 50K steps.
     """
     if method == "vae_align":
-        return {**default_layers(method, num_layers), "t_range": T2I_T_RANGE, "weight": T2I_WEIGHT}
+        return {**default_layers(method, num_layers), "t_range": T2I_T_RANGE, "weight": T2I_WEIGHT,
+                "modulated_head": T2I_MODULATED_HEAD}
     if method == "self_transcendence":
         return {**default_layers(method, num_layers), "guidance_scale": T2I_GUIDANCE_SCALE, "t_range": T2I_T_RANGE,
                 "weight": T2I_WEIGHT, "guide_stop_step": T2I_GUIDE_STOP_STEP}
@@ -175,17 +179,19 @@ def make_projector(
     out_features: int,
     hidden_features: int,
     head_features: Optional[int] = None,
+    modulation_features: Optional[int] = None,
 ) -> AlignmentProjector:
     """A fresh `AlignmentProjector`, or a given one (e.g. reloaded) checked against the expected widths."""
     if projector is None:
-        return AlignmentProjector(in_features, out_features, hidden_features=hidden_features, head_features=head_features)
+        return AlignmentProjector(in_features, out_features, hidden_features=hidden_features,
+                                  head_features=head_features, modulation_features=modulation_features)
     cfg = projector.config
-    got = (cfg.in_features, cfg.out_features, cfg.head_features)
-    want = (in_features, out_features, head_features)
+    got = (cfg.in_features, cfg.out_features, cfg.head_features, cfg.get("modulation_features"))
+    want = (in_features, out_features, head_features, modulation_features)
     if got != want:
         raise ValueError(
-            f"The projector maps (in, out, head) = {got} but this method needs {want} "
-            "(student hidden size, target width, stage-1 head width)."
+            f"The projector maps (in, out, head, modulation) = {got} but this method needs {want} "
+            "(student hidden size, target width, stage-1 head width, time-modulation width)."
         )
     return projector
 

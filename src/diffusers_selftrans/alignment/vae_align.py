@@ -7,6 +7,12 @@ own output, and regress a latent-space target with MSE (mean over C, H, W per sa
 
 Target: the released code regresses the velocity `eps - x0` (`align_target="velocity"`, default, parity); paper Eq. 1
 says the clean VAE latent z (`align_target="x0"`). method-notes §3.1.
+
+Text-to-image (`default_t2i_options`): the released T2I stage 1 modulates the head with the model's own conditioning
+vector (`modulated_head=True`: shift/scale from the timestep embedding, which SD3 and Flux sum with the pooled text),
+read off the transformer by `BlockFeatures(..., return_time_embedding=True)`. Flux's tokens are its packed 2x2
+latents: the head predicts the packed latents per token and the loss compares them with the packed target (the same
+mean squared error as on the unpacked grid: a permutation of the same elements).
 """
 
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -47,8 +53,11 @@ class VAEAlignment(AlignmentMethod):
         t_range_mode (`str`, defaults to `"code_compat"`): see `reduce_over_batch`; `code_compat` reproduces the paper.
         projector_dim (`int`, defaults to 2048): MLP width.
         projector (`AlignmentProjector`, *optional*): a projector to reuse (e.g. reloaded); its widths are checked.
+        modulated_head (`bool`, defaults to False): the released T2I head, modulated by the model's time embedding
+            (SD3, Flux, PixArt, Sana; `default_t2i_options` turns it on); False: the class-conditional `FinalLayer_2`.
 
-    Per call: `features` with block `layer`, `t`, and `target` (velocity) or `x0`.
+    Per call: `features` with block `layer`, `t`, and `target` (velocity) or `x0`; with `modulated_head`, also
+    `time_embedding` (the student's, same call).
     """
 
     name = "vae_align"
@@ -65,12 +74,13 @@ class VAEAlignment(AlignmentMethod):
         t_range_mode: str = DEFAULT_T_RANGE_MODE,
         projector_dim: int = DEFAULT_PROJECTOR_DIM,
         projector: Optional[AlignmentProjector] = None,
+        modulated_head: bool = False,
     ):
         super().__init__()
         cfg = resolve_model_config(model_config)
-        if cfg["family"] == "flux":
-            raise ValueError("vae_align unpatchifies its head onto the latent grid; Flux's packed 2x2 tokens are not "
-                             "supported (SiT, SD3, PixArt, Sana and DiT are).")
+        if modulated_head and not cfg.get("time_embedding"):
+            raise ValueError(f"modulated_head needs the model's time embedding, which is read off SD3, Flux, PixArt "
+                             f"and Sana transformers; not {cfg.get('family', 'a SiT')}.")
         if align_target not in ALIGN_TARGETS:
             raise ValueError(f"Unknown align_target {align_target!r}; expected one of {ALIGN_TARGETS}.")
         self.layer = check_layer(
@@ -82,10 +92,14 @@ class VAEAlignment(AlignmentMethod):
         self.t_range_mode = t_range_mode
         self.patch_size = cfg["patch_size"]
         self.latent_channels = cfg["in_channels"]
+        self.packed = bool(cfg.get("packed"))
+        self.modulated_head = modulated_head
         hidden = cfg["hidden_size"]
-        # ST `build_mlp(D, 2048, D)` + `FinalLayer_2(D, p, C)`: the head emits p*p*C values per token.
+        # ST `build_mlp(D, 2048, D)` + `FinalLayer_2(D, p, C)` (T2I: `FinalLayer`, modulated by the model's c, whose
+        # width is the model's hidden size in every supported family): the head emits p*p*C values per token.
         self.projector = make_projector(
-            projector, hidden, hidden, projector_dim, head_features=self.patch_size**2 * self.latent_channels
+            projector, hidden, hidden, projector_dim, head_features=self.patch_size**2 * self.latent_channels,
+            modulation_features=hidden if modulated_head else None,
         )
         self.weights = {self.name: float(weight)}
 
@@ -93,10 +107,21 @@ class VAEAlignment(AlignmentMethod):
     def student_layers(self) -> Tuple[int, ...]:
         return (self.layer,)
 
-    def predict(self, features: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        """Block `layer` tokens -> the head's latent-grid prediction (N, C, H, W)."""
+    @property
+    def needs_time_embedding(self) -> bool:
+        """Whether the student's call must return its time embedding (`BlockFeatures(return_time_embedding=True)`)."""
+        return self.modulated_head
+
+    def predict(self, features: Mapping[int, torch.Tensor],
+                time_embedding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Block `layer` tokens -> the head's prediction: the latent grid (N, C, H, W), or Flux's packed latents
+        (N, L, C) as the model's own output."""
         tokens = get_feature(features, self.layer, self.name)
-        return unpatchify(self.projector(tokens.float()), self.patch_size, self.latent_channels)
+        if self.modulated_head and time_embedding is None:
+            raise ValueError("vae_align with modulated_head needs `time_embedding` (the student's, from "
+                             "BlockFeatures(..., return_time_embedding=True)).")
+        head = self.projector(tokens.float(), time_embedding.float() if self.modulated_head else None)
+        return head if self.packed else unpatchify(head, self.patch_size, self.latent_channels)
 
     def forward(
         self,
@@ -105,14 +130,15 @@ class VAEAlignment(AlignmentMethod):
         t: Optional[torch.Tensor] = None,
         target: Optional[torch.Tensor] = None,
         x0: Optional[torch.Tensor] = None,
+        time_embedding: Optional[torch.Tensor] = None,
         **unused,
     ) -> Dict[str, torch.Tensor]:
         goal = target if self.align_target == "velocity" else x0
         if goal is None:
             which = "target` (the velocity eps - x0)" if self.align_target == "velocity" else "x0` (the clean latents)"
             raise ValueError(f"vae_align with align_target={self.align_target!r} needs `{which}.")
-        prediction = self.predict(features).float()
+        prediction = self.predict(features, time_embedding).float()
         if prediction.shape != goal.shape:
             raise ValueError(f"The head predicts {tuple(prediction.shape)} but the target is {tuple(goal.shape)}.")
-        per_sample = (prediction - goal.float()).pow(2).mean(dim=(1, 2, 3))  # mean_flat over C, H, W
+        per_sample = (prediction - goal.float()).pow(2).flatten(1).mean(dim=1)  # mean_flat over C, H, W (Flux: L, C)
         return {self.name: reduce_over_batch(per_sample, t, self.t_range, self.t_range_mode)}

@@ -50,7 +50,10 @@ class TransformerFamily:
 
     name: short family name; block_lists: attribute names of its block `ModuleList`s, in execution order;
     image_output: index of the image tokens in a block's tuple output (`None`: the block returns a tensor);
-    timestep_scale: `timestep = timestep_scale * t`; doubled_output: learn_sigma-style channels may be doubled.
+    timestep_scale: `timestep = timestep_scale * t`; doubled_output: learn_sigma-style channels may be doubled;
+    time_embedding: the module whose output modulates the model's final layer (the timestep embedding, with the
+    pooled text for SD3 and Flux) and the index of that vector in its tuple output (`None`: a tensor); packed: the
+    tokens are the latent grid packed 2x2 (Flux), so a per-token head predicts the packed latents.
     """
 
     name: str
@@ -59,17 +62,24 @@ class TransformerFamily:
     image_output: Optional[int]
     timestep_scale: float
     doubled_output: bool = False
+    time_embedding: Optional[Tuple[str, Optional[int]]] = None
+    packed: bool = False
 
 
 FAMILIES = (
     TransformerFamily("sit", "SiTTransformer2DModel", ("blocks",), None, 1.0),
-    # JointTransformerBlock returns (encoder_hidden_states, hidden_states).
-    TransformerFamily("sd3", "SD3Transformer2DModel", ("transformer_blocks",), 1, float(NUM_TRAIN_TIMESTEPS)),
+    # JointTransformerBlock returns (encoder_hidden_states, hidden_states); `norm_out(x, temb)`, temb from
+    # `time_text_embed(timestep, pooled_projections)`.
+    TransformerFamily("sd3", "SD3Transformer2DModel", ("transformer_blocks",), 1, float(NUM_TRAIN_TIMESTEPS),
+                      time_embedding=("time_text_embed", None)),
     # FluxTransformerBlock and FluxSingleTransformerBlock both return (encoder_hidden_states, hidden_states).
-    TransformerFamily("flux", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), 1, 1.0),
+    TransformerFamily("flux", "FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), 1, 1.0,
+                      time_embedding=("time_text_embed", None), packed=True),
+    # `adaln_single` and Sana's `time_embed` return (timestep, embedded_timestep); the final layer uses the second.
     TransformerFamily("pixart", "PixArtTransformer2DModel", ("transformer_blocks",), None, float(NUM_TRAIN_TIMESTEPS),
-                      doubled_output=True),
-    TransformerFamily("sana", "SanaTransformer2DModel", ("transformer_blocks",), None, float(NUM_TRAIN_TIMESTEPS)),
+                      doubled_output=True, time_embedding=("adaln_single", 1)),
+    TransformerFamily("sana", "SanaTransformer2DModel", ("transformer_blocks",), None, float(NUM_TRAIN_TIMESTEPS),
+                      time_embedding=("time_embed", 1)),
     TransformerFamily("dit", "DiTTransformer2DModel", ("transformer_blocks",), None, float(NUM_TRAIN_TIMESTEPS),
                       doubled_output=True),
 )
@@ -107,7 +117,8 @@ def describe_transformer(model: Any) -> Dict[str, Any]:
         sample_size = sample_size[0] if len(set(sample_size)) == 1 else None
     num_tokens = (sample_size // patch_size) ** 2 if sample_size else None
     return dict(family=family.name, num_layers=num_layers, hidden_size=hidden, patch_size=patch_size,
-                in_channels=cfg.in_channels, sample_size=sample_size, num_tokens=num_tokens)
+                in_channels=cfg.in_channels, sample_size=sample_size, num_tokens=num_tokens, packed=family.packed,
+                time_embedding=family.time_embedding is not None)
 
 
 def model_timestep(model: Any, t: torch.Tensor) -> torch.Tensor:
@@ -133,10 +144,12 @@ def model_velocity(model: Any, sample: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class BlockFeaturesOutput:
-    """sample: the model output (`None` after an early exit); hidden_states: {1-based block: (N, T_image, D)}."""
+    """sample: the model output (`None` after an early exit); hidden_states: {1-based block: (N, T_image, D)};
+    time_embedding: (N, D) the vector the model's final layer is modulated with, when asked for."""
 
     sample: Optional[torch.Tensor]
     hidden_states: Dict[int, torch.Tensor]
+    time_embedding: Optional[torch.Tensor] = None
 
 
 class BlockFeatures:
@@ -164,12 +177,23 @@ class BlockFeatures:
         self._captured: Dict[int, torch.Tensor] = {}
         self._prefixes: Dict[int, List[nn.ModuleList]] = {}
         self._handles = []
+        self._want_time_embedding = False
         if self.family.name != "sit":
             index = 0
             for _, blocks in self._lists:
                 for block in blocks:
                     index += 1
                     self._handles.append(block.register_forward_hook(self._make_hook(index)))
+            if self.family.time_embedding is not None:
+                name, position = self.family.time_embedding
+                self._handles.append(getattr(self._module, name).register_forward_hook(self._time_hook(position)))
+
+    def _time_hook(self, position: Optional[int]):
+        def hook(module, args, output):
+            if self._want_time_embedding:
+                self._captured["time_embedding"] = output if position is None else output[position]
+
+        return hook
 
     def _make_hook(self, index: int):
         image_output = self.family.image_output
@@ -208,8 +232,11 @@ class BlockFeatures:
         return self._prefixes[k]
 
     def __call__(self, *args, layers: Iterable[int] = (), stop_at_layer: Optional[int] = None,
-                 **kwargs) -> BlockFeaturesOutput:
+                 return_time_embedding: bool = False, **kwargs) -> BlockFeaturesOutput:
         layers, stop_at_layer = self._check(layers, stop_at_layer)
+        if return_time_embedding and self.family.time_embedding is None:
+            raise ValueError(f"{self.family.class_name}: no time embedding to return (families with one: "
+                             f"{', '.join(f.class_name for f in FAMILIES if f.time_embedding)}).")
         if self.family.name == "sit":
             out = self.model(*args, output_hidden_states=sorted(layers), stop_at_layer=stop_at_layer, **kwargs)
             return BlockFeaturesOutput(sample=out.sample, hidden_states=dict(out.hidden_states or {}))
@@ -219,6 +246,7 @@ class BlockFeatures:
         truncate = stop_at_layer is not None and stop_at_layer < self.num_layers
         self._captured = {}
         self._wanted = wanted
+        self._want_time_embedding = return_time_embedding
         try:
             if truncate:
                 for (name, _), prefix in zip(self._lists, self._prefix_lists(stop_at_layer)):
@@ -227,10 +255,12 @@ class BlockFeatures:
             features = dict(self._captured)
         finally:
             self._wanted = frozenset()
+            self._want_time_embedding = False
             self._captured = {}
             if truncate:
                 for name, blocks in self._lists:
                     setattr(self._module, name, blocks)
+        time_embedding = features.pop("time_embedding", None)
         missing = wanted - set(features)
         if missing:
             raise RuntimeError(f"Blocks {sorted(missing)} did not run in this forward (skipped layers?).")
@@ -239,4 +269,5 @@ class BlockFeatures:
         return BlockFeaturesOutput(
             sample=None if stop_at_layer is not None else out.sample,
             hidden_states={k: features[k] for k in sorted(layers)},
+            time_embedding=time_embedding,
         )
