@@ -195,3 +195,31 @@ def test_velocity_is_the_flow_matching_target(family):
     x_t = interpolate(x0, noise, sigmas[1].reshape(1))
     stepped = scheduler.step(velocity, timesteps[1], x_t, return_dict=False)[0]  # the pipelines' own update
     torch.testing.assert_close(stepped, interpolate(x0, noise, sigmas[2].reshape(1)))
+
+
+@pytest.mark.parametrize("family", ("sd3", "flux", "pixart", "sana"))
+def test_gradient_checkpointing_gives_the_same_features_loss_and_gradients(family):
+    """diffusers' gradient checkpointing recomputes each block in the backward pass, which calls its forward hooks
+    again: the features, the loss and every gradient stay those of the run without checkpointing."""
+    x = latents(family, 2)
+    cond, static = conditioning(family, 2)
+    results = []
+    for checkpointing in (False, True):
+        model = build(family, num_layers=NUM_LAYERS).train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        assert model.is_gradient_checkpointing == checkpointing
+        feats = BlockFeatures(model)
+        out = feats(x, timestep=model_timestep(model, T), layers=[2, 3], return_time_embedding=True, **cond, **static)
+        loss = out.sample.pow(2).mean() + out.hidden_states[2].pow(2).mean() + out.hidden_states[3].abs().mean() \
+            + out.time_embedding.pow(2).mean()
+        loss.backward()
+        results.append((loss.detach(), {k: v.detach() for k, v in out.hidden_states.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, feats_a, grads_a), (loss_b, feats_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for k in feats_a:
+        torch.testing.assert_close(feats_a[k], feats_b[k])
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6, msg=name)
