@@ -27,6 +27,11 @@ embeddings are the pipeline's own `encode_prompt` (what its `__call__` uses at i
 convention (x_t = (1 - t) x0 + t eps, data at t = 0, `Transport`), converted to each model's `timestep` with
 `model_timestep`. `--output_dir` ends as the matching diffusers pipeline folder with the EMA transformer.
 
+Images and captions come through the SiT scripts' data stream (`TrainDataStream`, the flags of `cli.add_data_args`):
+the same decoding and skip limit for broken images, sharding by process and exact resume. Of several captions per
+image (a list in `--caption_column`, e.g. COCO's five), one is picked uniformly at random each time the image is read,
+as the released code does, from a seeded generator that checkpoints save and resume.
+
 FSDP (models that do not fit one GPU): an accelerate config with `distributed_type: FSDP` and `fsdp_version: 2`. The
 transformer and the alignment heads are sharded as one module (`TrainableModules`), the frozen stage-2 teacher stays
 whole on every process, each process keeps the EMA of its own shards (`ShardedEMAState`, saved per process in each
@@ -53,7 +58,7 @@ from diffusers_selftrans import cli, hub
 from diffusers_selftrans import runs as R
 from diffusers_selftrans import training as T
 from diffusers_selftrans.alignment import build_alignment, default_t2i_options
-from diffusers_selftrans.data import preprocess_image
+from diffusers_selftrans.data import DataConfig, TrainDataStream
 from diffusers_selftrans.models.block_features import BlockFeatures, model_timestep, model_velocity
 from diffusers_selftrans.provenance import (ProvenanceError, check_provenance, module_digest, read_provenance,
                                             vae_encoder_identity, write_provenance)
@@ -111,21 +116,8 @@ def parse_args(input_args=None):
                    help="Training t density (released setting: uniform).")
     g.add_argument("--flux_guidance_scale", type=float, default=FLUX_DEFAULT_GUIDANCE,
                    help="Flux with guidance_embeds: the guidance value fed during training (FluxPipeline's default).")
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset_name", type=str, default=None, help="`datasets.load_dataset` id (Hub or local).")
-    g.add_argument("--dataset_config_name", type=str, default=None)
-    g.add_argument("--dataset_split", type=str, default="train")
-    g.add_argument("--train_data_dir", type=str, default=None,
-                   help="Local data: an imagefolder with metadata.jsonl (captions), parquet or webdataset files.")
-    g.add_argument("--image_column", type=str, default="image")
-    g.add_argument("--caption_column", type=str, default="text")
-    g.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
-                   help="Stream the dataset (default: on for Hub ids, off for local data).")
-    g.add_argument("--shuffle_buffer_size", type=int, default=10_000)
-    g.add_argument("--cache_dir", type=str, default=None)
-    g.add_argument("--hub_token", type=str, default=None)
-    g.add_argument("--resolution", type=int, default=T2I_RESOLUTION)
-    g.add_argument("--random_flip", action="store_true")
+    cli.add_data_args(parser, captions=True)  # images with captions: the SiT scripts' data flags and stream
+    g = parser.add_argument_group("text")
     g.add_argument("--max_sequence_length", type=int, default=None,
                    help="Text tokens (T5 / Gemma). Default: the pipeline's own `encode_prompt` default.")
     g.add_argument("--caption_dropout", type=float, default=T2I_CAPTION_DROPOUT,
@@ -150,7 +142,7 @@ def parse_args(input_args=None):
     g.add_argument("--lr_warmup_steps", type=int, default=T2I_WARMUP_STEPS, help="Linear warm-up, then constant.")
     g.add_argument("--validation_prompts", type=str, nargs="*", default=None)
     parser.set_defaults(learning_rate=T2I_LEARNING_RATE, adam_beta2=T2I_ADAM_BETA2,
-                        adam_weight_decay=T2I_WEIGHT_DECAY, output_dir="t2i-selftrans")
+                        adam_weight_decay=T2I_WEIGHT_DECAY, output_dir="t2i-selftrans", resolution=T2I_RESOLUTION)
     args = cli.parse_args_with_config(parser, input_args)
     if args.pretrained_model_name_or_path is None:
         parser.error("--pretrained_model_name_or_path is required (the pipeline that provides VAE and text encoders).")
@@ -170,96 +162,7 @@ def parse_args(input_args=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 2. Data: images and captions, sharded by process, with an exact position for resume
-
-
-class CaptionStream:
-    """Batches `{"pixel_values", "captions"}` for this process. Map-style data: a seeded permutation per epoch,
-    split over processes; streaming: `shuffle(seed, buffer)` + `set_epoch` + `split_dataset_by_node`. The position
-    (epoch, examples read this epoch) is saved per process in each checkpoint; resuming skips to it."""
-
-    def __init__(self, args, batch_size: int, process_index: int, num_processes: int, seed: int):
-        import datasets
-
-        self.args, self.batch_size, self.seed = args, batch_size, seed
-        self.rank, self.world = process_index, num_processes
-        local = args.train_data_dir is not None
-        streaming = args.streaming if args.streaming is not None else not local
-        if local:
-            from diffusers_selftrans.data import _local_builder
-
-            load = dict(_local_builder(args.train_data_dir))
-        else:
-            load = {"path": args.dataset_name, "name": args.dataset_config_name, "token": args.hub_token}
-        ds = datasets.load_dataset(**load, split=args.dataset_split, cache_dir=args.cache_dir, streaming=streaming)
-        columns = list(ds.features) if ds.features is not None else None
-        for what, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
-            if columns is not None and column not in columns:
-                raise ValueError(f"{what} {column!r} is not a column of the dataset; columns: {columns}.")
-        self.dataset = ds.cast_column(args.image_column, datasets.Image(decode=False))
-        self.streaming = streaming
-        self.num_examples = None if streaming else len(self.dataset)  # compared on resume (checkpoint provenance)
-        self.epoch, self.position = 0, 0
-        if not streaming and len(self.dataset) // num_processes < batch_size:
-            raise ValueError(f"{len(self.dataset)} examples cannot fill a batch of {batch_size} on each of "
-                             f"{num_processes} processes.")
-
-    def _example(self, row) -> dict:
-        caption = row[self.args.caption_column]
-        if isinstance(caption, (list, tuple)):  # several captions per image (COCO): the first, deterministically
-            caption = caption[0]
-        if not isinstance(caption, str):
-            raise ValueError(f"Caption {caption!r} in column {self.args.caption_column!r} is not a string.")
-        pixels = preprocess_image(row[self.args.image_column], self.args.resolution)
-        return {"pixel_values": pixels, "caption": caption}
-
-    def _epoch_rows(self, epoch: int):
-        if self.streaming:
-            from datasets.distributed import split_dataset_by_node
-
-            ds = self.dataset.shuffle(seed=self.seed, buffer_size=self.args.shuffle_buffer_size)
-            ds.set_epoch(epoch)
-            yield from split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
-        else:
-            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
-            per_process = len(order) // self.world  # every process the same count: no process waits at a collective
-            for key in order[self.rank * per_process:(self.rank + 1) * per_process].tolist():
-                yield self.dataset[key]
-
-    def __iter__(self):
-        while True:
-            rows = self._epoch_rows(self.epoch)
-            for _ in range(self.position):  # resume: skip what this process already read this epoch
-                next(rows)
-            batch = []
-            for row in rows:
-                batch.append(self._example(row))
-                self.position += 1
-                if len(batch) == self.batch_size:
-                    pixels = torch.stack([b["pixel_values"] for b in batch])
-                    if self.args.random_flip:
-                        flip = torch.rand(len(batch)) < 0.5
-                        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-                    yield {"pixel_values": pixels, "captions": [b["caption"] for b in batch]}
-                    batch = []
-            self.epoch, self.position = self.epoch + 1, 0  # an incomplete last batch is dropped
-
-    def state_file(self, folder) -> Path:
-        return Path(folder) / f"caption_stream_rank{self.rank}.json"
-
-    def save_state(self, folder) -> None:
-        self.state_file(folder).write_text(json.dumps({"epoch": self.epoch, "position": self.position}))
-
-    def load_state(self, folder) -> None:
-        path = self.state_file(folder)
-        if not path.is_file():
-            raise ValueError(f"{path} is missing: the checkpoint was written by fewer processes than this run has.")
-        state = json.loads(path.read_text())
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# 3. Text: the pipeline's own `encode_prompt`, frozen; the conditioning keywords of each family
+# 2. Text: the pipeline's own `encode_prompt`, frozen; the conditioning keywords of each family
 
 
 def encode_captions(family: str, text_pipe, captions, device, max_sequence_length: int) -> dict:
@@ -370,7 +273,7 @@ def pack(family: str, latents: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 4. Models
+# 3. Models
 
 
 def pipeline_info(path: str, revision=None):
@@ -474,13 +377,13 @@ def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 5. Training
+# 4. Training
 
 
 def main(args=None):
     args = args if isinstance(args, argparse.Namespace) else parse_args(args)
     output_dir = Path(args.output_dir)
-    # 5.1 Accelerator, logging, seeds
+    # 4.1 Accelerator, logging, seeds
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -510,7 +413,7 @@ def main(args=None):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     set_seed(args.seed)
 
-    # 5.2 The pipeline's frozen VAE and text encoders; the empty prompt (CFG dropout and the teacher's f_u)
+    # 4.2 The pipeline's frozen VAE and text encoders; the empty prompt (CFG dropout and the teacher's f_u)
     pipeline_cls, family, transformer_cls, text_length = pipeline_info(args.pretrained_model_name_or_path,
                                                                        args.revision)
     if args.stage == 1 and family == "flux":
@@ -533,10 +436,12 @@ def main(args=None):
     null = {k: v.float() for k, v in encode_captions(family, text_pipe, [""], accelerator.device,
                                                      args.max_sequence_length).items()}
 
-    # 5.3 Data (one sharding layer: the stream shards by process itself)
-    stream = CaptionStream(args, per_device, accelerator.process_index, accelerator.num_processes, args.seed)
+    # 4.3 Data: images and captions, sharded by the stream itself (one sharding layer: not passed to `prepare`), with
+    # an exact, per-process resumable position (the SiT scripts' `TrainDataStream`)
+    stream = TrainDataStream(DataConfig.from_namespace(args), per_device, process_index=accelerator.process_index,
+                             num_processes=accelerator.num_processes, seed=args.seed)
 
-    # 5.4 The student, the alignment method of the stage, EMA, optimizer, warm-up
+    # 4.4 The student, the alignment method of the stage, EMA, optimizer, warm-up
     model = load_student(args, transformer_cls)
     latent_side = T.vae_latent_size(vae, args.resolution)
     sample_size = model.config.get("sample_size")
@@ -589,7 +494,7 @@ def main(args=None):
     if accelerator.is_main_process:
         C.save_args(args, output_dir / "args.json")
 
-    # 5.5 Resume (exact: weights, EMA, optimizer, warm-up, RNG of every process, data position, loss guard)
+    # 4.5 Resume (exact: weights, EMA, optimizer, warm-up, RNG of every process, data position, loss guard)
     global_step = 0
     guard = T.NonFiniteGuard(accelerator, args.max_nonfinite_steps, explosion_factor=args.loss_explosion_factor)
     # what the checkpoints depend on besides the flags: data size, processes, batch, VAE and text encoders
@@ -621,7 +526,7 @@ def main(args=None):
     batches = iter(stream)
     preemption = R.Preemption()  # SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit (runs.py)
 
-    # 5.6 Loop
+    # 4.6 Loop
     while global_step < args.max_train_steps:
         step_start = time.perf_counter()
         with accelerator.accumulate(*sync_modules):
@@ -648,7 +553,7 @@ def main(args=None):
             # The step's one host read, once its backward is queued (a collective): every process skips a step that
             # is bad anywhere, learns of a preemption signal, and gets the logged values.
             stepped = accelerator.sync_gradients and guard.check(
-                stop_requested=preemption.requested,
+                stop_requested=preemption.requested, counts={"data_skipped": stream.skips.num_skipped},
                 logged={"loss": loss, "loss_diff": loss_diff, **{f"loss_{k}": v for k, v in terms.items()}})
             if stepped:
                 if args.max_grad_norm > 0:
@@ -675,7 +580,7 @@ def main(args=None):
     log.close()
     preemption.restore()
 
-    # 5.7 The matching diffusers pipeline with the EMA transformer, a preview, the model card, the Hub
+    # 4.7 The matching diffusers pipeline with the EMA transformer, a preview, the model card, the Hub
     accelerator.wait_for_everyone()
     export_ema = full_ema(ema)  # FSDP: every process takes part in gathering the shards
     if accelerator.is_main_process:
@@ -692,6 +597,7 @@ def main(args=None):
             data_description="local files" if args.train_data_dir else None, sample_image="samples.png",
             base_model=args.guiding_model_name_or_path if args.stage == 2 else args.pretrained_model_name_or_path,
             metrics={"final_loss": log.last.get("loss"), "steps": global_step, "nonfinite_skipped": guard.skipped,
+                     "data_skipped": log.last.get("data_skipped"),
                      **({"resume_history": json.dumps(args.resume_history)} if args.resume_history else {})},
             extra={"pipeline_class": pipeline_cls.__name__, "stage": args.stage,
                    "pretrained_model": args.pretrained_model_name_or_path},

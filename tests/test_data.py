@@ -334,10 +334,16 @@ def test_save_and_load_state_files(tmp_path, parquet_dir):
 
 def test_data_config_mirrors_the_flags():
     parser = add_data_args(argparse.ArgumentParser())
-    assert {action.dest for action in parser._actions if action.dest != "help"} == {
-        field.name for field in dataclasses.fields(DataConfig)
-    }
+    fields = {field.name for field in dataclasses.fields(DataConfig)}
+    # class-conditional data: every setting but the caption column is a flag
+    assert {action.dest for action in parser._actions if action.dest != "help"} == fields - {"caption_column"}
     assert DataConfig.from_namespace(parser.parse_args([])) == DataConfig()  # same defaults
+    # images with captions (the T2I script): --caption_column in place of the label flags and --latents_dir
+    captions = add_data_args(argparse.ArgumentParser(), captions=True)
+    assert {action.dest for action in captions._actions if action.dest != "help"} == fields - {
+        "label_column", "num_classes", "latents_dir"}
+    assert DataConfig.from_namespace(captions.parse_args([])) == DataConfig(caption_column="text")
+    assert captions.parse_args(["--no-streaming"]).streaming is False  # the T2I script's old spelling still works
     args = parser.parse_args(["--train_data_dir", "d", "--resolution", "64", "--random_flip", "--no_streaming",
                               "--max_skip_fraction", "0.5", "--dataloader_num_workers", "2"])
     args.learning_rate = 1e-4  # a flag of the script, not of the data: ignored
@@ -360,6 +366,18 @@ def test_library_takes_a_data_config_not_the_namespace(tmp_path, parquet_dir):
     flags = _take(_stream(tmp_path, parquet_dir, batch_size=3, seed=2), 2)
     for a, b in zip(direct, flags):
         assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["class_labels"], b["class_labels"])
+
+
+def test_decoding_workers_leave_the_global_rng_alone(tmp_path, parquet_dir):
+    """A DataLoader draws its workers' base seed from the global RNG unless given a generator: a draw at every epoch
+    start and at a resume (a fresh loader mid-epoch) would make a resumed run's noise differ from the straight run's."""
+    stream = _stream(tmp_path, parquet_dir, "--dataloader_num_workers", 1, batch_size=2)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    _take(stream, 7)  # crosses an epoch boundary: two loaders
+    assert stream.epoch == 1
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_default_num_workers_reads_latents_in_process_and_leaves_a_core_for_training(monkeypatch):

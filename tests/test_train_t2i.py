@@ -49,7 +49,8 @@ def flags(assets, family, output_dir, **extra):
             "cache_dir": assets / "hf_cache", "resolution": RESOLUTION, "train_batch_size": 2, "max_train_steps": 4,
             "checkpointing_steps": 2, "validation_steps": 100, "validation_num_inference_steps": 2,
             "projector_dim": 16, "lr_warmup_steps": 2, "max_sequence_length": 16, "output_dir": output_dir,
-            "report_to": "none", "seed": 0}
+            "report_to": "none", "seed": 0,
+            "dataloader_num_workers": 0}  # the tests run alone on few cores (the default would start workers)
     base.update(extra)
     argv = []
     for key, value in base.items():
@@ -114,7 +115,8 @@ def test_stage1_checkpoints_pipeline_and_card(stage1, family):
     for step in (2, 4):
         for sub in ("transformer", "transformer_ema", "projector"):
             assert (out / f"checkpoint-{step}" / sub / "diffusion_pytorch_model.safetensors").exists(), sub
-        assert (out / f"checkpoint-{step}" / "caption_stream_rank0.json").exists()
+        data_state = json.loads((out / f"checkpoint-{step}" / "data_state_rank0.json").read_text())
+        assert data_state["samples_seen"] == 2 * step and "caption_rng_state" in data_state
     losses = read_losses(out)
     assert sorted(losses) == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["loss_vae_align"] > 0 for r in losses.values())
@@ -168,9 +170,11 @@ def test_teacher_is_the_stage1_output_transformer(assets, stage1):
 
 def test_exact_resume_matches_a_straight_run_with_cached_text_embeddings(assets, stage1, stage2, tmp_path):
     """Stopped at step 2 and resumed: the same losses and final weights as the straight run (which encoded every
-    caption on the fly; this one reads the per-caption cache)."""
+    caption on the fly; this one reads the per-caption cache, and decodes its images in a worker process: neither
+    the order nor the random draws depend on it)."""
     out = tmp_path / "resumed"
-    common = dict(guiding_model_name_or_path=stage1["sd3"], guide_stop_step=2, precompute_text_embeddings=True)
+    common = dict(guiding_model_name_or_path=stage1["sd3"], guide_stop_step=2, precompute_text_embeddings=True,
+                  dataloader_num_workers=1)
     t2i.main(flags(assets, "sd3", out, max_train_steps=2, **common))
     t2i.main(flags(assets, "sd3", out, resume_from_checkpoint="latest", **common))
     straight, resumed = read_losses(stage2["sd3"]), read_losses(out)
@@ -214,7 +218,7 @@ def test_empty_prompt_has_the_caption_sequence_length(assets):
 def test_bad_input_is_a_clear_error(assets, tmp_path):
     with pytest.raises(SystemExit):
         t2i.parse_args(flags(assets, "sd3", tmp_path / "x"))  # stage 2 without a guiding model
-    with pytest.raises(ValueError, match="--caption_column 'caption' is not a column"):
+    with pytest.raises(ValueError, match=r"--caption_column 'caption' not in the dataset columns \['image', 'text'\]"):
         t2i.main(flags(assets, "sd3", tmp_path / "y", stage=1, caption_column="caption"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
@@ -234,8 +238,8 @@ def test_two_processes_stage2(assets, stage1, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = tmp_path / "ddp" / "checkpoint-2"
-    states = [json.loads((ckpt / f"caption_stream_rank{r}.json").read_text()) for r in (0, 1)]
-    assert states[0] == states[1] == {"epoch": 0, "position": 2}
+    states = [json.loads((ckpt / f"data_state_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(s["epoch"], s["position"], s["process_index"]) for s in states] == [(0, 2, 0), (0, 2, 1)]
     assert (ckpt / "random_states_1.pkl").exists()
     losses = read_losses(tmp_path / "ddp")
     assert losses[1]["loss_guide"] > 0 and "loss_guide" not in losses[2]

@@ -156,15 +156,24 @@ def load_config_file(path: str) -> dict:
 # Data (the fields of `data.DataConfig`; `DataConfig.from_namespace(args)` turns them into the library's input)
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the data flags shared by the training scripts and `preprocess_latents.py`."""
+def add_data_args(parser: argparse.ArgumentParser, captions: bool = False) -> argparse.ArgumentParser:
+    """Add the data flags shared by the training scripts and `preprocess_latents.py`.
+
+    `captions=True` (the text-to-image script): images with captions, `--caption_column` in place of the label flags
+    and `--latents_dir` (the namespace still holds every `DataConfig` field: those three at their defaults).
+    """
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset_name",
         type=str,
         default=None,
-        help=f"Hub dataset id or local path for `datasets.load_dataset` (default when neither --train_data_dir nor "
-        f"--latents_dir is given: {DEFAULT_DATASET_NAME}, gated: log in or pass --hub_token).",
+        help="Hub dataset id or local path for `datasets.load_dataset` "
+        + (
+            "(this or --train_data_dir is required)."
+            if captions
+            else f"(default when neither --train_data_dir nor --latents_dir is given: {DEFAULT_DATASET_NAME}, gated: "
+            f"log in or pass --hub_token)."
+        ),
     )
     group.add_argument("--dataset_config_name", type=str, default=None, help="The dataset config (`name=`).")
     group.add_argument("--dataset_split", type=str, default="train", help="Split to read.")
@@ -172,37 +181,52 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--train_data_dir",
         type=str,
         default=None,
-        help="Local data: an imagefolder tree (class sub-folders), parquet file(s) or webdataset .tar shards. "
-        "With --dataset_name it is passed as `data_dir=`.",
+        help="Local data: "
+        + ("an imagefolder with metadata.jsonl (captions)" if captions else "an imagefolder tree (class sub-folders)")
+        + ", parquet file(s) or webdataset .tar shards. With --dataset_name it is passed as `data_dir=`.",
     )
     group.add_argument("--image_column", type=str, default=None, help="Image column (auto-detected if not given).")
-    group.add_argument(
-        "--label_column",
-        type=str,
-        default=None,
-        help="Label column (auto-detected if not given; 'none' = unconditional: one class, every label 0).",
-    )
-    group.add_argument(
-        "--num_classes",
-        type=int,
-        default=None,
-        help="Number of classes when the label column is a plain integer (no ClassLabel), e.g. webdataset `cls` "
-        "(required when streaming; map-style default: the largest label + 1, with a warning naming how many classes "
-        "have no example). A label outside it is an error naming the row.",
-    )
+    if captions:
+        group.add_argument(
+            "--caption_column",
+            type=str,
+            default="text",
+            help="Caption column: a string or a list of strings per image; of several captions one is picked "
+            "uniformly at random each time the image is read (as the released T2I code does), from a seeded "
+            "generator that a resumed run restores.",
+        )
+        parser.set_defaults(label_column=None, num_classes=None, latents_dir=None)
+    else:
+        group.add_argument(
+            "--label_column",
+            type=str,
+            default=None,
+            help="Label column (auto-detected if not given; 'none' = unconditional: one class, every label 0).",
+        )
+        group.add_argument(
+            "--num_classes",
+            type=int,
+            default=None,
+            help="Number of classes when the label column is a plain integer (no ClassLabel), e.g. webdataset `cls` "
+            "(required when streaming; map-style default: the largest label + 1, with a warning naming how many "
+            "classes have no example). A label outside it is an error naming the row.",
+        )
+        parser.set_defaults(caption_column=None)
     group.add_argument("--cache_dir", type=str, default=None, help="`datasets` cache directory.")
     group.add_argument("--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN / cached login).")
-    group.add_argument(
-        "--latents_dir",
-        type=str,
-        default=None,
-        help="Directory written by examples/preprocess_latents.py; when given, images are not read at all.",
-    )
+    if not captions:
+        group.add_argument(
+            "--latents_dir",
+            type=str,
+            default=None,
+            help="Directory written by examples/preprocess_latents.py; when given, images are not read at all.",
+        )
     group.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="Training image resolution.")
     group.add_argument(
         "--random_flip",
         action="store_true",
-        help="Random horizontal flips (off by default, as in REPA). With --latents_dir the shards must hold flips.",
+        help="Random horizontal flips (off by default, as in REPA)."
+        + ("" if captions else " With --latents_dir the shards must hold flips."),
     )
     group.add_argument(
         "--shuffle_buffer_size",
@@ -229,6 +253,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--no_streaming",
+        "--no-streaming",
         dest="streaming",
         action="store_false",
         help="Map-style Arrow-cached dataset (default for local data).",

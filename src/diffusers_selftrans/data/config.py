@@ -45,6 +45,9 @@ def default_num_workers(latents: bool) -> int:
 class DataConfig:
     """Where the training data comes from and how it is read; the fields are the flags of `add_data_args`, with the
     same defaults (see their help for details). Build one directly in a notebook, or with `from_namespace` in a script.
+
+    Images with class labels (the SiT scripts) or with captions (`caption_column`, the text-to-image script): one
+    source and one stream for both; data with a caption column is read without labels.
     """
 
     dataset_name: Optional[str] = None  # Hub id or local path for `load_dataset` (default: DEFAULT_DATASET_NAME)
@@ -53,6 +56,8 @@ class DataConfig:
     train_data_dir: Optional[str] = None  # local imagefolder tree, parquet file(s) or webdataset .tar shards
     image_column: Optional[str] = None  # image column (auto-detected when None)
     label_column: Optional[str] = None  # label column (auto-detected when None; "none" = unconditional)
+    # caption column: text-to-image data, batches of captions instead of labels (None: class-conditional data)
+    caption_column: Optional[str] = None
     num_classes: Optional[int] = None  # class count for plain integer labels (required when streaming them)
     cache_dir: Optional[str] = None  # `datasets` cache directory
     hub_token: Optional[str] = None  # Hub token (default: HF_TOKEN / cached login)

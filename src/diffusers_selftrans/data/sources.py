@@ -2,16 +2,19 @@
 local `imagefolder` trees, parquet files and webdataset tars (map-style, Arrow cached, by default).
 
 Images are decoded by us (`images.py`), not by `datasets`, so that a corrupt file is skipped and counted instead of
-killing the run. Unconditional data: a dataset without a label column (or with a single class) gives
+killing the run. Each image comes with a class label, or with its captions (text-to-image data: `caption_column`;
+labels are then not read). Unconditional data: a dataset without a label column (or with a single class) gives
 `num_classes == 1` and every label is 0. Labels are never dropped silently: an image that sits beside the class
 folders of an imagefolder tree is skipped with a warning (`ImageSource.stray_files`), and map-style labels are checked
 in one vectorised pass at start-up (missing or out-of-range labels are errors that name the row; classes without
-examples are a warning).
+examples are a warning). Captions are checked the same way: a string, or a non-empty list of strings, per record
+(map-style data at start-up in one pass, streamed records when read); anything else is an error naming the record.
 """
 
 import glob
 import logging
 import os
+import reprlib
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
@@ -66,11 +69,14 @@ class ImageSource:
     """An image dataset opened with `datasets.load_dataset`, images left undecoded (`Image(decode=False)`).
 
     Attributes: `dataset` (a `datasets.Dataset` or `IterableDataset`), `streaming`, `image_column`, `label_column`
-    (None for unconditional data), `num_classes`, `id2label` (dict int -> str, or None), `num_examples` (from the
-    dataset's own metadata when streaming, see `streamed_num_examples`; None when it has none), `reader` (a torch
-    Dataset mapping a key to `{"pixel_values", "label"}` or `{"error", "label"}`; a bad label raises `LabelError`),
-    `stray_files` (imagefolder images beside or below the class folders, left out). `config`: a `DataConfig` (its
-    latents_dir, random_flip, max_skip_fraction and dataloader_num_workers are the stream's, unused here).
+    (None for unconditional and for caption data), `caption_column` (None for class-conditional data), `num_classes`
+    (None for caption data), `id2label` (dict int -> str, or None), `num_examples` (from the dataset's own metadata
+    when streaming, see `streamed_num_examples`; None when it has none), `reader` (a torch Dataset mapping a key to
+    `{"pixel_values", "label"}`, or `{"pixel_values", "captions"}` with every caption of the record as a list of
+    strings, or `{"error", "description", ...}` for an undecodable image; a bad label raises `LabelError`, a bad
+    caption `CaptionError`), `stray_files` (imagefolder images beside or below the class folders, left out).
+    `config`: a `DataConfig` (its latents_dir, random_flip, max_skip_fraction and dataloader_num_workers are the
+    stream's, unused here).
     """
 
     is_latent = False
@@ -96,9 +102,15 @@ class ImageSource:
         streaming = config.streaming
         self.streaming = (not local) if streaming is None else bool(streaming)
         requested_label = config.label_column
+        captions = config.caption_column is not None
+        if captions and requested_label is not None and requested_label.lower() not in NO_LABEL_VALUES:
+            raise ValueError(
+                f"--label_column {requested_label!r} and --caption_column {config.caption_column!r}: a dataset is read "
+                f"with labels or with captions, not both."
+            )
         self.stray_files = []
-        unconditional = requested_label is not None and requested_label.lower() in NO_LABEL_VALUES
-        if load_kwargs["path"] == "imagefolder" and not unconditional:
+        no_labels = captions or (requested_label is not None and requested_label.lower() in NO_LABEL_VALUES)
+        if load_kwargs["path"] == "imagefolder" and not no_labels:
             # An image beside the class folders would make `datasets` drop every label: leave it out instead.
             load_kwargs, self.stray_files = _without_stray_images(
                 load_kwargs, config.dataset_split, config.cache_dir
@@ -118,12 +130,15 @@ class ImageSource:
 
         # 3. Columns.
         self.image_column = self._find_image_column(features, config.image_column)
-        self.label_column = self._find_label_column(features, config.label_column)
+        self.caption_column = self._find_caption_column(features, config.caption_column)
+        self.label_column = None if captions else self._find_label_column(features, config.label_column)
 
         # 4. Classes, from the data: ClassLabel names, or integer labels with --num_classes / a scan of the column.
         num_classes_arg = config.num_classes
         self.id2label = None
-        if self.label_column is None:
+        if self.caption_column is not None:
+            self.num_classes = None  # captions, no classes
+        elif self.label_column is None:
             self.num_classes = 1
             logger.info("No label column: unconditional data, num_classes=1 and every label is 0.")
         else:
@@ -155,14 +170,16 @@ class ImageSource:
 
         # 5. We decode ourselves so that a bad file can be caught and skipped.
         dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
-        keep = [self.image_column] + ([self.label_column] if self.label_column is not None else [])
+        keep = [self.image_column] + [c for c in (self.label_column, self.caption_column) if c is not None]
         dataset = dataset.select_columns(keep)
         self.dataset = dataset
 
-        # 6. Map-style labels are checked now, in one pass, not when a bad row comes up mid-epoch.
+        # 6. Map-style labels and captions are checked now, in one pass, not when a bad row comes up mid-epoch.
         if self.label_column is not None and not self.streaming:
             self.num_classes = _check_label_column(dataset, self.image_column, self.label_column, self.num_classes,
                                                    self.id2label)
+        if self.caption_column is not None and not self.streaming:
+            _check_caption_column(dataset, self.image_column, self.caption_column)
         if self.streaming:
             self.num_examples = streamed_num_examples(
                 dataset, config.dataset_split, load_kwargs,
@@ -173,10 +190,16 @@ class ImageSource:
         self.resolution = config.resolution
         self.shuffle_buffer_size = config.shuffle_buffer_size
         table = None if self.streaming else dataset
-        self.reader = _ImageReader(table, self.image_column, self.label_column, self.num_classes, config.resolution)
+        self.reader = _ImageReader(table, self.image_column, self.label_column, self.num_classes, config.resolution,
+                                   caption_column=self.caption_column)
+        targets = (
+            f"caption column {self.caption_column!r}"
+            if self.caption_column is not None
+            else f"label column {self.label_column!r}, {self.num_classes} classes"
+        )
         logger.info(
             f"Image data {load_kwargs.get('path')} ({'streaming' if self.streaming else 'map-style'}): "
-            f"image column {self.image_column!r}, label column {self.label_column!r}, {self.num_classes} classes"
+            f"image column {self.image_column!r}, {targets}"
             + ("" if self.num_examples is None else f", {self.num_examples} examples")
             + "."
         )
@@ -196,6 +219,12 @@ class ImageSource:
             if isinstance(feature, datasets.Image):
                 return name
         raise ValueError(f"No image column found in {list(features)}; pass --image_column.")
+
+    @staticmethod
+    def _find_caption_column(features, requested: Optional[str]) -> Optional[str]:
+        if requested is not None and requested not in features:
+            raise ValueError(f"--caption_column {requested!r} not in the dataset columns {list(features)}.")
+        return requested
 
     @staticmethod
     def _find_label_column(features, requested: Optional[str]) -> Optional[str]:
@@ -337,6 +366,46 @@ def _check_label_column(dataset, image_column: str, label_column: str, num_class
     return num_classes
 
 
+def _check_caption_column(dataset, image_column: str, caption_column: str) -> None:
+    """One vectorised pass over a map-style caption column: every row holds a string or a non-empty list of strings.
+
+    Anything else (a missing caption, an empty list, a list with a missing entry, a column of numbers) is a
+    `CaptionError` naming the first bad row (index and file path).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = dataset.with_format("arrow")[caption_column]  # in row order (honours an indices mapping)
+    if len(column) == 0:
+        return
+
+    def row(index, problem):
+        record = dataset[int(index)]
+        return CaptionError(
+            f"Caption column {caption_column!r}: row {int(index)} ({_describe(record[image_column], int(index))}) has "
+            f"caption {reprlib.repr(record[caption_column])}, {problem}. Fix the row, or pass the column that holds "
+            f"the captions as --caption_column."
+        )
+
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        if column.null_count:
+            raise row(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0], "not a string")
+        return
+    if not ((pa.types.is_list(kind) or pa.types.is_large_list(kind))
+            and (pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type))):
+        raise row(0, f"not a string or a list of strings (the column holds {kind} values)")
+    # null rows have a null length: filled as 0, i.e. an empty list
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+    bad = lengths == 0
+    elements = pc.list_flatten(column)
+    if elements.null_count:  # a missing entry inside a list: mark its row
+        parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+        bad[parents[pc.is_null(elements).to_numpy(zero_copy_only=False)]] = True
+    if bad.any():
+        raise row(np.flatnonzero(bad)[0], "not a string or a non-empty list of strings")
+
+
 def streamed_num_examples(dataset, split: str, load_kwargs: Optional[Dict[str, Any]] = None, *,
                            cache_dir: Optional[str] = None, token=None) -> Optional[int]:
     """The size of a streamed split from the dataset's own metadata, never from its name; None when it has none.
@@ -389,27 +458,51 @@ def _map_style_keys(num_examples, epoch, seed, process_index, num_processes, shu
 
 
 class _ImageReader(torch.utils.data.Dataset):
-    """key (index into the Arrow table, or a streamed record) -> decoded, cropped image and its label."""
+    """key (index into the Arrow table, or a streamed record) -> decoded, cropped image and its label, or its
+    captions (all of them: the stream picks one, in order, so that the choice is part of its resumable state)."""
 
-    def __init__(self, table, image_column, label_column, num_classes, resolution):
+    def __init__(self, table, image_column, label_column, num_classes, resolution, caption_column=None):
         self.table, self.image_column, self.label_column = table, image_column, label_column
-        self.num_classes, self.resolution = num_classes, resolution
+        self.num_classes, self.resolution, self.caption_column = num_classes, resolution, caption_column
 
     def __getitem__(self, key):
         record = self.table[int(key)] if isinstance(key, (int, np.integer)) else key
         value = record[self.image_column]
-        label = 0 if self.label_column is None else _checked_label(record[self.label_column], self.num_classes,
-                                                                   _describe(value, key))
+        if self.caption_column is not None:
+            target = {"captions": _checked_captions(record[self.caption_column], _describe(value, key))}
+        else:
+            label = 0 if self.label_column is None else _checked_label(record[self.label_column], self.num_classes,
+                                                                       _describe(value, key))
+            target = {"label": int(label)}
         try:
             pixel_values = preprocess_image(value, self.resolution)
         except _DECODE_ERRORS as error:
             error = f"{type(error).__name__}: {error}"
-            return {"error": error, "label": int(label), "description": _describe(value, key)}
-        return {"pixel_values": pixel_values, "label": int(label)}
+            return {"error": error, "description": _describe(value, key), **target}
+        return {"pixel_values": pixel_values, **target}
 
 
 class LabelError(ValueError):
     """A missing, non-integer or out-of-range label (a ValueError, so callers that catch ValueError still do)."""
+
+    what = "label"
+
+
+class CaptionError(ValueError):
+    """A caption that is neither a string nor a non-empty list of strings (a ValueError, like `LabelError`)."""
+
+    what = "caption"
+
+
+def _checked_captions(value, description: str) -> List[str]:
+    """The captions of a record as a non-empty list of strings, else a CaptionError naming `description`."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(caption, str) for caption in value):
+        return list(value)
+    raise CaptionError(
+        f"{description} has caption {reprlib.repr(value)}, not a string or a non-empty list of strings."
+    )
 
 
 def _checked_label(label, num_classes: int, description: str) -> int:

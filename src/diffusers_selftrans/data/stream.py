@@ -1,6 +1,7 @@
-"""`TrainDataStream`, the iterable both training scripts consume: per-process batches forever, sharded by process
-itself (exactly one sharding layer: do NOT pass it to `accelerator.prepare`), with an exact `state_dict` for resume;
-`SkipCounter` (the undecodable-image budget) and `ordered_map` (parallel decoding in key order)."""
+"""`TrainDataStream`, the iterable every training script consumes (images with labels or captions, or latents):
+per-process batches forever, sharded by process itself (exactly one sharding layer: do NOT pass it to
+`accelerator.prepare`), with an exact `state_dict` for resume; `SkipCounter` (the undecodable-image budget) and
+`ordered_map` (parallel decoding in key order)."""
 
 import base64
 import itertools
@@ -14,10 +15,13 @@ import torch
 
 from .config import MIN_SAMPLES_FOR_SKIP_CHECK, DataConfig, check_data_config, default_num_workers
 from .latents import LatentSource, check_latent_stats
-from .sources import ImageSource, LabelError
+from .sources import CaptionError, ImageSource, LabelError
 
 
 logger = logging.getLogger(__name__)
+
+# Mixed into the flip generator's seed to seed the caption-choice generator (any constant other than 0 would do).
+CAPTION_SEED_SALT = 0x5EED_CA97
 
 
 class SkipCounter:
@@ -115,8 +119,11 @@ def ordered_map(reader: torch.utils.data.Dataset, keys: Iterable, num_workers: i
         for key in keys:
             yield reader[key]
         return
+    # A private generator for the workers' base seed: the default one would take a draw from the global RNG at every
+    # epoch start and at a resume, so a resumed run's noise would differ from the uninterrupted run's.
     loader = torch.utils.data.DataLoader(
-        reader, sampler=_KeyIterable(keys), batch_size=None, num_workers=num_workers, collate_fn=_identity
+        reader, sampler=_KeyIterable(keys), batch_size=None, num_workers=num_workers, collate_fn=_identity,
+        generator=torch.Generator().manual_seed(0),
     )
     yield from loader
 
@@ -146,13 +153,17 @@ class TrainDataStream:
         batch_size: per-process batch size.
         process_index, num_processes: this process and the world size (`accelerator.process_index`,
             `accelerator.num_processes`). The stream shards by process itself: do NOT pass it to `accelerator.prepare`.
-        seed: shuffling (per-epoch permutation / streaming shuffle seed + epoch) and flip seed.
+        seed: shuffling (per-epoch permutation / streaming shuffle seed + epoch), flip and caption-choice seed.
         vae_config: an `AutoencoderKL` or its config; with `--latents_dir` the shards are checked against it.
         min_samples_for_skip_check: images read before the skip rate is judged, for streaming data of unknown size
             (map-style data is judged from the first read against its size; see `SkipCounter`).
 
     Batches (CPU tensors; move them to the device yourself):
         images:  {"pixel_values": float32 (B, 3, R, R) in [-1, 1], "class_labels": int64 (B,)}
+        images with captions (`caption_column`): {"pixel_values": as above, "captions": list of B strings}
+                 (a record with several captions, e.g. COCO's five, gives one of them, picked uniformly at random
+                 per sample and anew each time the record is read, as the released T2I code does; the choice comes
+                 from a generator of the stream's state, so a resumed run picks the same captions)
         latents: {"latent_mean": float32 (B, C, h, w), "latent_std": float32 (B, C, h, w), "class_labels": int64 (B,)}
                  (raw posterior moments: the training script samples z = mean + std * randn and applies the VAE
                  scaling/shift from `latent_stats`; with --random_flip the flipped moments are picked with p=0.5).
@@ -167,11 +178,11 @@ class TrainDataStream:
     == 0, which may give processes different epoch lengths; otherwise one record in num_processes).
 
     Resume: `state_dict()` (taken between batches) holds the epoch, the number of records this process consumed in it,
-    the counters and the flip RNG; a stream restored with `load_state_dict` yields exactly the batches the
-    uninterrupted stream would have yielded. Map-style data resumes instantly; streaming data re-reads (without
-    decoding) the consumed records of the current epoch, because datasets' own stream state drops the shuffle buffer
-    (cost: reading up to one epoch of this process's raw records once per resume). Each process has its own state:
-    save it per process (`save_state` / `load_state` write `data_state_rank{i}.json`;
+    the counters, the flip RNG and (caption data) the caption-choice RNG; a stream restored with `load_state_dict`
+    yields exactly the batches the uninterrupted stream would have yielded. Map-style data resumes instantly; streaming
+    data re-reads (without decoding) the consumed records of the current epoch, because datasets' own stream state
+    drops the shuffle buffer (cost: reading up to one epoch of this process's raw records once per resume). Each
+    process has its own state: save it per process (`save_state` / `load_state` write `data_state_rank{i}.json`;
     `accelerator.register_for_checkpointing` would keep only the main process's state). `dataloader_num_workers`
     does not change the order, so it may differ on resume.
     """
@@ -197,6 +208,9 @@ class TrainDataStream:
         self.random_flip = bool(config.random_flip)
 
         latents_dir = config.latents_dir
+        if latents_dir and config.caption_column is not None:
+            raise ValueError(f"--caption_column {config.caption_column!r} with --latents_dir: latent shards hold no "
+                             f"captions; train on the images.")
         if latents_dir:
             self.source = LatentSource(latents_dir)
             self.latent_stats = self.source.stats
@@ -221,6 +235,7 @@ class TrainDataStream:
         self.num_workers = default_num_workers(self.is_latent) if workers is None else int(workers)
         self.num_classes = self.source.num_classes
         self.id2label = self.source.id2label
+        self.caption_column = getattr(self.source, "caption_column", None)  # None: labels (or latents)
         self.num_examples = self.source.num_examples
         self.streaming = self.source.streaming
 
@@ -231,8 +246,12 @@ class TrainDataStream:
             # Map-style: the records this process reads per epoch (see `_map_style_keys`); streaming: unknown.
             expected_per_epoch=None if self.num_examples is None else self.num_examples // num_processes,
         )
-        # Flip decisions come from one generator per process, kept in the state dict.
+        # Flip decisions come from one generator per process, kept in the state dict; caption choices from another
+        # (so flips do not depend on how many captions the records have).
         self._generator = torch.Generator().manual_seed((seed << 16) + process_index)
+        self._caption_generator = None
+        if self.caption_column is not None:
+            self._caption_generator = torch.Generator().manual_seed(((seed << 16) + process_index) ^ CAPTION_SEED_SALT)
         self.epoch = 0
         self.samples_seen = 0
         self._position = 0  # records of the current epoch consumed by yielded batches
@@ -277,9 +296,9 @@ class TrainDataStream:
         while True:
             try:
                 item = next(records, None)
-            except LabelError as error:
-                raise LabelError(
-                    f"Bad label in record {consumed} of epoch {self.epoch} read by process {self.process_index} "
+            except (LabelError, CaptionError) as error:
+                raise type(error)(
+                    f"Bad {error.what} in record {consumed} of epoch {self.epoch} read by process {self.process_index} "
                     f"(counted from 0 in this process's order of the epoch): {_original_message(error)}"
                 ) from error
             if item is None:
@@ -315,12 +334,22 @@ class TrainDataStream:
         pixel_values = torch.stack([item["pixel_values"] for item in items])
         if flips is not None:
             pixel_values = torch.where(flips.view(-1, 1, 1, 1), pixel_values.flip(-1), pixel_values)
+        if self.caption_column is not None:
+            # One uniform draw per sample, whatever its number of captions: the generator advances by the batch size.
+            draws = torch.rand(len(items), generator=self._caption_generator, dtype=torch.float64).tolist()
+            captions = [item["captions"][min(int(u * len(item["captions"])), len(item["captions"]) - 1)]
+                        for item, u in zip(items, draws)]
+            return {"pixel_values": pixel_values, "captions": captions}
         labels = torch.tensor([item["label"] for item in items], dtype=torch.long)
         return {"pixel_values": pixel_values, "class_labels": labels}
 
     # -- state -----------------------------------------------------------------------------------------------------
 
     def _make_snapshot(self) -> Dict[str, Any]:
+        captions = {}
+        if self._caption_generator is not None:
+            captions = {"caption_column": self.caption_column,
+                        "caption_rng_state": _encode_rng(self._caption_generator.get_state())}
         return {
             "epoch": self.epoch,
             "position": self._position,
@@ -335,6 +364,7 @@ class TrainDataStream:
             "is_latent": self.is_latent,
             "streaming": self.streaming,
             "num_examples": self.num_examples,
+            **captions,
         }
 
     def state_dict(self) -> Dict[str, Any]:
@@ -350,7 +380,8 @@ class TrainDataStream:
         self.epoch = int(state["epoch"])
         self.samples_seen = int(state["samples_seen"])
         self.skips.num_read, self.skips.num_skipped = int(state["num_read"]), int(state["num_skipped"])
-        keys = ("seed", "batch_size", "process_index", "num_processes", "is_latent", "streaming", "num_examples")
+        keys = ("seed", "batch_size", "process_index", "num_processes", "is_latent", "streaming", "num_examples",
+                "caption_column")
         changed = [k for k in keys if state.get(k) != getattr(self, k)]
         if changed:
             changes = ", ".join(f"{k}: {state.get(k)} -> {getattr(self, k)}" for k in changed)
@@ -362,6 +393,8 @@ class TrainDataStream:
         else:
             self._position = int(state["position"])
             self._generator.set_state(_decode_rng(state["rng_state"]))
+            if self._caption_generator is not None:
+                self._caption_generator.set_state(_decode_rng(state["caption_rng_state"]))
         self._snapshot = self._make_snapshot()
 
     def save_state(self, output_dir: str) -> str:
