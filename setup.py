@@ -35,10 +35,12 @@ setup(
     ],
     extras_require={
         # the quickstart and the convergence benchmark (bundled digits, plots, t-SNE)
-        "quickstart": ["scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.14"],
+        # scipy: the benchmarks' Welch t-tests (benchmarks/stats.py)
+        "quickstart": ["scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.14", "scipy>=1.11"],
         # setuptools: tests/test_wheel.py builds the wheel without build isolation (bdist_wheel is built into
         # setuptools since 70.1, so the separate `wheel` package is not needed)
-        "test": ["pytest>=7", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.14", "setuptools>=70.1"],
+        "test": ["pytest>=7", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.14", "setuptools>=70.1",
+                 "scipy>=1.11"],
         # Inception FID / IS / precision-recall; pulls torchvision (pick a torch/torchvision pair that match)
         "metrics": ["torch-fidelity>=0.3"],
     },

@@ -8,14 +8,17 @@ Trains, on the same data, model size, seeds and step budget, with the project's 
   `--repa_encoder` names a local `transformers` encoder.
 Every `--eval_every` steps the EMA weights of the checkpoint are sampled (class-balanced, seeded, Euler, no CFG) and
 scored with a feature-FID whose features come from a small classifier trained on the real images (seeded, cached),
-and with that classifier's accuracy on the intended classes. Several seeds give a mean and a spread.
+and with that classifier's accuracy on the intended classes. Several seeds give a mean and a spread (the sample std)
+and a Welch t-test of Self-Transcendence against every other method, and of every method against vanilla, at every
+evaluated step (benchmarks/stats.py).
 
-Writes to `--output_dir`: `curves.json` (every point of every run), `results.md` (the table at the last step) and
-`convergence.png` (FID against steps and against training seconds).
+Writes to `--output_dir`: `curves.json` (every point of every run, the summary and the tests), `results.md` (the
+table at the last step and the tests) and `convergence.png` (FID against steps and against training seconds).
 
     python benchmarks/convergence.py --output_dir bench_out                       # digits, 3 seeds
     python benchmarks/convergence.py --train_data_dir ./my_folders --vae_name_or_path my-vae --resolution 64 ...
     python benchmarks/convergence.py --smoke --output_dir /tmp/smoke              # seconds; the test suite runs this
+    python benchmarks/convergence.py --rederive benchmarks/results/convergence    # statistics again, no training
 """
 
 import argparse
@@ -29,11 +32,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import preprocess_latents  # noqa: E402
 import quickstart_assets  # noqa: E402
 import train_align  # noqa: E402
 import train_self_transcendence  # noqa: E402
+import stats as S  # noqa: E402
 
 METHODS = ("vanilla", "vae_align", "self_transcendence", "sra", "layersync", "dispersive", "repa")
 # The vanilla run is `--alignment none`; the VAE-align run is the stage-1 guiding model itself.
@@ -73,7 +78,10 @@ def recorded_settings(args, output_dir):
 
 def parse_args(input_args=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", type=str, required=True)
+    p.add_argument("--output_dir", type=str, default=None, help="Required unless --rederive.")
+    p.add_argument("--rederive", type=str, default=None, metavar="FOLDER",
+                   help="Train nothing: recompute the summary, comparisons, results.md and plot of FOLDER from its "
+                        "curves.json (e.g. benchmarks/results/convergence) and rewrite them there.")
     p.add_argument("--train_data_dir", type=str, default=None,
                    help="Image class folders (default: scikit-learn's digits, written to OUTPUT_DIR/data).")
     p.add_argument("--vae_name_or_path", type=str, default=str(quickstart_assets.DEFAULT_VAE_PATH))
@@ -96,6 +104,10 @@ def parse_args(input_args=None):
     p.add_argument("--max_real", type=int, default=None)
     p.add_argument("--smoke", action="store_true", help="A tiny model, a few steps, one seed: checks the plumbing.")
     args = p.parse_args(input_args)
+    if args.rederive:
+        return args
+    if args.output_dir is None:
+        p.error("--output_dir is required (or --rederive FOLDER).")
     if args.repa_encoder and "repa" not in args.methods:
         args.methods.append("repa")
     if "repa" in args.methods and not args.repa_encoder:
@@ -164,24 +176,45 @@ def evaluate_checkpoints(folder: Path, args, vae, real, real_labels, classifier,
 
 
 def summarize(curves, methods):
-    """Mean and std over seeds at every evaluated step."""
+    """Mean and sample std (ddof 1; None for one seed) over seeds at every evaluated step."""
     summary = {}
     for method in methods:
         runs = [curves[method][s] for s in sorted(curves[method])]
         steps = [p["step"] for p in runs[0]]
         rows = []
         for i, step in enumerate(steps):
-            fid = np.array([r[i]["fid"] for r in runs])
-            acc = np.array([r[i]["accuracy"] for r in runs])
-            sec = np.array([r[i]["train_seconds"] for r in runs])
-            rows.append({"step": step, "fid_mean": float(fid.mean()), "fid_std": float(fid.std()),
-                         "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std()),
-                         "train_seconds_mean": float(sec.mean()), "seeds": len(runs)})
+            fid_mean, fid_std = S.mean_std([r[i]["fid"] for r in runs])
+            acc_mean, acc_std = S.mean_std([r[i]["accuracy"] for r in runs])
+            rows.append({"step": step, "fid_mean": fid_mean, "fid_std": fid_std, "accuracy_mean": acc_mean,
+                         "accuracy_std": acc_std,
+                         "train_seconds_mean": float(np.mean([r[i]["train_seconds"] for r in runs])),
+                         "seeds": len(runs)})
         summary[method] = rows
     return summary
 
 
-def write_report(summary, args, out: Path):
+def comparison_pairs(methods):
+    """(better, worse) pairs judged: Self-Transcendence against every other method, every other method against
+    vanilla."""
+    st = "self_transcendence"
+    pairs = [(st, m) for m in methods if st in methods and m != st]
+    return pairs + [(m, "vanilla") for m in methods if "vanilla" in methods and m not in (st, "vanilla")]
+
+
+def compare_curves(curves, methods):
+    """Every pair of comparison_pairs at every step both have evaluated: the seeds' FIDs through stats.compare
+    (Welch's t-test)."""
+    results = []
+    for better, worse in comparison_pairs(methods):
+        fid = {m: [{p["step"]: p["fid"] for p in curves[m][s]} for s in sorted(curves[m])] for m in (better, worse)}
+        steps = sorted(set.intersection(*[set(d) for m in fid for d in fid[m]]))
+        for step in steps:
+            test = S.compare([d[step] for d in fid[better]], [d[step] for d in fid[worse]])
+            results.append({"better": better, "worse": worse, "step": step, **test})
+    return results
+
+
+def write_report(summary, args, out: Path, comparisons=()):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +225,7 @@ def write_report(summary, args, out: Path):
         x_steps = [r["step"] for r in rows]
         x_secs = [r["train_seconds_mean"] for r in rows]
         mean = np.array([r["fid_mean"] for r in rows])
-        std = np.array([r["fid_std"] for r in rows])
+        std = np.array([r["fid_std"] or 0.0 for r in rows])  # one seed: no band
         style = {"linewidth": 2.5} if method == "self_transcendence" else {"linewidth": 1.2}
         for ax, x in ((axes[0], x_steps), (axes[1], x_secs)):
             ax.plot(x, mean, marker="o", label=method, **style)
@@ -203,28 +236,68 @@ def write_report(summary, args, out: Path):
         ax.set_ylabel("feature-FID (lower is better)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{len(args.seeds)} seed(s), mean ± std, {args.samples_per_class} samples/class, "
+    fig.suptitle(f"{len(args.seeds)} seed(s), mean ± sample std, {args.samples_per_class} samples/class, "
                  f"Euler {args.sampling_steps} steps, no CFG")
     fig.tight_layout()
     fig.savefig(out / "convergence.png", dpi=110)
     plt.close(fig)
 
     lines = [f"Step budget {args.steps}, batch {args.batch_size}, seeds {args.seeds}, EMA decay {args.ema_decay}; "
-             f"feature-FID of {args.samples_per_class} samples/class (Euler {args.sampling_steps}, no CFG).", "",
+             f"feature-FID of {args.samples_per_class} samples/class (Euler {args.sampling_steps}, no CFG). "
+             "Mean ± sample std (ddof 1) over seeds.", "",
              "| method | feature-FID at last step | class accuracy | FID at first eval | train seconds |",
              "|---|---|---|---|---|"]
     ranked = sorted(summary.items(), key=lambda kv: kv[1][-1]["fid_mean"])
     for method, rows in ranked:
         last, first = rows[-1], rows[0]
-        lines.append(f"| {method} | {last['fid_mean']:.2f} ± {last['fid_std']:.2f} | "
-                     f"{last['accuracy_mean']:.3f} ± {last['accuracy_std']:.3f} | {first['fid_mean']:.2f} | "
+        lines.append(f"| {method} | {S.fmt(last['fid_mean'], last['fid_std'])} | "
+                     f"{S.fmt(last['accuracy_mean'], last['accuracy_std'], 3)} | {first['fid_mean']:.2f} | "
                      f"{last['train_seconds_mean']:.0f} |")
+    if comparisons:
+        steps = sorted({c["step"] for c in comparisons})
+        pairs = list(dict.fromkeys((c["better"], c["worse"]) for c in comparisons))
+        at = {(c["better"], c["worse"], c["step"]): c for c in comparisons}
+        lines += ["", f"## Comparisons (test: {S.TEST})", "",
+                  "Each cell: FID difference (worse - better) [95 % confidence interval], p-value: verdict.", "",
+                  "| better | worse | " + " | ".join(f"at step {s}" for s in steps) + " |",
+                  "|---|---|" + "---|" * len(steps)]
+        for better, worse in pairs:
+            cells = [f"{S.fmt_test(c)}: {c['verdict'].split(' (')[0]}" if (c := at.get((better, worse, s))) else ""
+                     for s in steps]
+            lines.append(f"| {better} | {worse} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
 
 
+def write_results(out: Path, args, settings, curves, benchmark_seconds, machine):
+    """curves.json (the per-seed curves, their summary and the comparisons), results.md and convergence.png."""
+    methods = list(curves)
+    summary = summarize(curves, methods)
+    comparisons = compare_curves(curves, methods)
+    result = {"settings": settings, "curves": curves, "summary": summary, "statistics": S.TEST,
+              "comparisons": comparisons, "benchmark_seconds": benchmark_seconds, "machine": machine}
+    (out / "curves.json").write_text(json.dumps(result, indent=2, default=str))
+    table = write_report(summary, args, out, comparisons)
+    return result, table
+
+
+def rederive(folder):
+    """Recompute the summary, the comparisons, results.md and the plot of a finished benchmark from its curves.json
+    (the per-seed points measured then; nothing is trained or scored) and rewrite them in `folder`."""
+    folder = Path(folder)
+    saved = json.loads((folder / "curves.json").read_text())
+    curves = {m: {int(seed): points for seed, points in by_seed.items()} for m, by_seed in saved["curves"].items()}
+    args = argparse.Namespace(**saved["settings"])
+    result, table = write_results(folder, args, saved["settings"], curves, saved["benchmark_seconds"],
+                                  saved["machine"])
+    print(table)
+    return result
+
+
 def main(args=None):
     args = args if isinstance(args, argparse.Namespace) else parse_args(args)
+    if args.rederive:
+        return rederive(args.rederive)
     from diffusers import AutoencoderKL
 
     from diffusers_selftrans import evaluation as E
@@ -283,11 +356,8 @@ def main(args=None):
             curves[method][seed] = evaluate_checkpoints(folder, args, vae, real, real_labels, classifier,
                                                         num_classes, extra_seconds=extra)
 
-    summary = summarize(curves, args.methods)
-    result = {"settings": recorded_settings(args, out), "curves": curves, "summary": summary,
-              "benchmark_seconds": round(time.perf_counter() - start, 1), "machine": os.uname().machine}
-    (out / "curves.json").write_text(json.dumps(result, indent=2, default=str))
-    table = write_report(summary, args, out)
+    result, table = write_results(out, args, recorded_settings(args, out), curves,
+                                  round(time.perf_counter() - start, 1), os.uname().machine)
     print(table)
     print(f"\nWrote {out / 'curves.json'}, {out / 'results.md'}, {out / 'convergence.png'}")
     return result

@@ -12,10 +12,12 @@ all with `examples/train_self_transcendence_t2i.py`. Every `--eval_every` steps 
 `StableDiffusion3Pipeline` (class-balanced prompts, Euler, no CFG) and scored like `benchmarks/convergence.py`:
 feature-FID of a small digits classifier and its accuracy on the class named by the prompt.
 
-Writes `curves.json`, `results.md` and `convergence_t2i.png` into `--output_dir`.
+Writes `curves.json`, `results.md` and `convergence.png` into `--output_dir`; the spread is the sample std over seeds
+and every comparison a Welch t-test (benchmarks/stats.py, through convergence.py).
 
     python benchmarks/convergence_t2i.py                       # 3 seeds (benchmarks/results/convergence_t2i/)
     python benchmarks/convergence_t2i.py --smoke --output_dir /tmp/smoke   # seconds; the test suite runs this
+    python benchmarks/convergence_t2i.py --rederive benchmarks/results/convergence_t2i   # statistics again, no training
 """
 
 import argparse
@@ -180,6 +182,9 @@ def parse_args(input_args=None):
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", type=str, default=str(ROOT / "benchmarks" / "results" / "convergence_t2i"))
+    p.add_argument("--rederive", type=str, default=None, metavar="FOLDER",
+                   help="Train nothing: recompute the summary, tests, results.md and plot of FOLDER from its "
+                        "curves.json (e.g. benchmarks/results/convergence_t2i) and rewrite them there.")
     p.add_argument("--vae_name_or_path", type=str, default=str(quickstart_assets.DEFAULT_VAE_PATH))
     p.add_argument("--resolution", type=int, default=DIGITS_RESOLUTION)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -252,7 +257,10 @@ def evaluate_run(folder: Path, pipe_folder: Path, args, real, real_labels, class
 
 def main(args=None):
     args = args if isinstance(args, argparse.Namespace) else parse_args(args)
-    import convergence  # benchmarks/convergence.py: real-image loading, summary, table and plot
+    import convergence  # benchmarks/convergence.py: real-image loading, summary, tests, table and plot
+
+    if args.rederive:
+        return convergence.rederive(args.rederive)
     import train_self_transcendence_t2i as t2i
     from diffusers import AutoencoderKL
 
@@ -304,12 +312,9 @@ def main(args=None):
             extra = stage1_seconds if name == "self_transcendence" else 0.0
             curves[name][seed] = evaluate_run(runs / name, pipe_folder, args, real, real_labels, classifier, extra)
 
-    # 3. Mean and spread over seeds, the table and the plot (convergence.py's), everything in curves.json
-    summary = convergence.summarize(curves, list(RUNS))
-    result = {"settings": convergence.recorded_settings(args, out), "curves": curves, "summary": summary,
-              "benchmark_seconds": round(time.perf_counter() - start, 1), "machine": os.uname().machine}
-    (out / "curves.json").write_text(json.dumps(result, indent=2, default=str))
-    table = convergence.write_report(summary, args, out)
+    # 3. Mean and spread over seeds, the tests, the table and the plot (convergence.py's), everything in curves.json
+    result, table = convergence.write_results(out, args, convergence.recorded_settings(args, out), curves,
+                                              round(time.perf_counter() - start, 1), os.uname().machine)
     print(table)
     print(f"\nWrote {out / 'curves.json'}, {out / 'results.md'}, {out / 'convergence.png'}")
     return result

@@ -26,7 +26,9 @@ What runs (rows; the paper's SiT-B/2 FID-10K at 80 epochs next to each, Tables 4
   the teacher ages, the lambda rows, and `vanilla_teacher` (Table 4 V2: the guiding model is vanilla at the stage-1
   budget).
 Each checkpoint's EMA weights are sampled (class-balanced, Euler, no CFG) and scored with the feature-FID and class
-accuracy of `diffusers_selftrans.evaluation` (a small classifier trained on the real images).
+accuracy of `diffusers_selftrans.evaluation` (a small classifier trained on the real images). The spread over seeds is
+the sample std; every verdict (the trends, equal compute, the convergence check) is Welch's t-test on the seeds' FIDs,
+with its p-value and 95 % interval in the results (benchmarks/stats.py).
 
 Training FLOPs (benchmarks/flops.py): 2 FLOPs per multiply-accumulate; a trained module costs 3 x its forward, the
 frozen guiding model 1 x its forward up to the guiding block, twice per image (true label and null class); the
@@ -39,6 +41,7 @@ Self-Transcendence run; "teacher amortised" adds them divided by the number of r
     python benchmarks/evidence.py --train_data_dir my_class_folders --resolution 32 --output_dir bench_mine
     python benchmarks/evidence.py --smoke --output_dir /tmp/smoke             # the plumbing, ~1 min; tests run this
     python benchmarks/evidence.py --output_dir bench_evidence --report_only   # rewrite the results, train nothing
+    python benchmarks/evidence.py --rederive benchmarks/results/evidence      # the statistics again from results.json
     # a benchmark split over machines or days (an output folder lost in between): the runs finished in the earlier
     # output are reported from its results.json / loss_curves.json and not trained again (settings must match)
     python benchmarks/evidence.py --output_dir bench_day2 --merge_results benchmarks/results/evidence
@@ -61,6 +64,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import flops as F  # noqa: E402
 import quickstart_assets  # noqa: E402
+import stats as S  # noqa: E402
 
 # --- budgets -----------------------------------------------------------------------------------------------------------
 # Measured (benchmarks/results/evidence/results.json, "curves" -> "vanilla_charged", seed 0: 4,500 steps): vanilla's
@@ -68,7 +72,7 @@ import quickstart_assets  # noqa: E402
 # from there to 4,500 steps it stays within 11.9-14.7 while the diffusion loss still creeps down (0.224 -> 0.206, the
 # mean of each 375-step window). 3,000 steps puts the budget well inside the flat part (its last 37 % is flat), so the
 # late evaluations compare converged models and the early ones show the speed-up. Every report still checks that the
-# last FLAT_TAIL_FRACTION of vanilla's curve is flat within the seed spread.
+# last FLAT_TAIL_FRACTION of vanilla's curve is flat (see FLAT_TAIL_FRACTION).
 DEFAULT_STEPS = 3000
 # Evaluations every 12.5 % of the run (~10 %), chosen so that the teacher ages below (25 % of a stage-1 budget of half
 # the run = 12.5 % of the run) fall on evaluated checkpoints.
@@ -87,7 +91,8 @@ EMA_HORIZON_FRACTION = (1.0 / (1.0 - PAPER_EMA_DECAY)) / PAPER_TRAIN_STEPS
 # still falling (1,500 of 3,000 steps: 15.0 against 12.0 at the end). The paper's 80-epoch SiT-B/2 FIDs (23-39) are
 # far from converged too, so the mid-run verdict is the closer analogue of its tables; the end says what survives.
 TREND_MID_FRACTION = 0.5
-# Convergence check: the last 20 % of vanilla's curve is "flat" if its mean FID moves less than the seed spread there.
+# Convergence check: the last 20 % of vanilla's curve is "flat" if the seeds' FIDs at its first and last evaluation
+# do not differ significantly (Welch's two-sided t-test, p >= 0.05: benchmarks/stats.py); "still changing" otherwise.
 FLAT_TAIL_FRACTION = 0.2
 # convergence.py's measurement: lr 1e-4 (tuned for SiT-B at batch 256 over 400K steps) barely trains the tiny SiT in
 # a few hundred steps (loss 0.43 after 300 steps vs 0.35 at 1e-3).
@@ -123,7 +128,7 @@ PAPER_FID = {
 # its guiding model on each new disk, and a retrained one is not bit-identical on another CPU: the rows trained that
 # day are compared with this row (same guiding model) as well as with the full row.
 RERUN_ROW = "self_transcendence_rerun"
-# Trends the paper reports, as (better row, worse row, what it tests); judged at the last evaluation.
+# Trends the paper reports, as (better row, worse row, what it tests); judged at mid-run and at the last evaluation.
 TRENDS = (
     ("self_transcendence", "vanilla", "Self-Transcendence beats vanilla at equal steps"),
     ("vae_align", "vanilla", "Table 4: VAE-align alone beats vanilla (V1)"),
@@ -198,7 +203,11 @@ def all_rows():
 
 def parse_args(input_args=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", type=str, required=True)
+    p.add_argument("--output_dir", type=str, default=None, help="Required unless --rederive.")
+    p.add_argument("--rederive", type=str, default=None, metavar="FOLDER",
+                   help="Train nothing, score nothing: recompute the summary, tests, results.md and plots of FOLDER "
+                        "from its results.json and loss_curves.json (e.g. benchmarks/results/evidence) and rewrite "
+                        "them there.")
     p.add_argument("--train_data_dir", type=str, default=None,
                    help="An image-class folder (default: scikit-learn's digits). Without --vae_name_or_path a VAE is "
                         "trained on it first (quickstart_assets.py train-vae) and its held-out PSNR reported.")
@@ -228,6 +237,10 @@ def parse_args(input_args=None):
                         "not trained again, so a benchmark split over machines or days reports as one. Its settings "
                         "must match these.")
     args = p.parse_args(input_args)
+    if args.rederive:
+        return args
+    if args.output_dir is None:
+        p.error("--output_dir is required (or --rederive FOLDER).")
     rows = all_rows()
     if args.rows is None:
         args.rows = list(SMOKE_ROWS) if args.smoke else (
@@ -413,27 +426,17 @@ def evaluate_run(folder: Path, args, ctx, max_step: int):
 # ----------------------------------------------------------------------------------------------------------------------
 # Results from whatever is finished
 # ----------------------------------------------------------------------------------------------------------------------
-def pooled_std(a, b):
-    return math.sqrt((a ** 2 + b ** 2) / 2)
+def fids_at(curves, view, step):
+    """The seeds' feature-FIDs of a row (view) at an evaluated step, in seed order."""
+    return [p["fid"] for seed in sorted(curves[view]) for p in curves[view][seed] if p["step"] == step]
 
 
-def verdict(better, worse):
-    """Lower FID is better. "holds": worse - better exceeds the pooled std over seeds; "reversed": the opposite
-    difference does; otherwise "within spread" (or "undetermined" with one seed, where no spread exists)."""
-    diff = worse["fid_mean"] - better["fid_mean"]
-    spread = pooled_std(better["fid_std"], worse["fid_std"])
-    if min(better["seeds"], worse["seeds"]) < 2:
-        return diff, spread, "undetermined (1 seed)"
-    if diff > spread:
-        return diff, spread, "holds"
-    if -diff > spread:
-        return diff, spread, "reversed"
-    return diff, spread, "within spread"
-
-
-def mean_std(values):
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+def judged(test):
+    """A stats.compare result as the results record it (the difference is worse - better: > 0 in the expected
+    order)."""
+    return {"fid_difference": test["difference"], "p_value": test["p_value"],
+            "ci95": None if test["ci_low"] is None else [test["ci_low"], test["ci_high"]], "t": test["t"],
+            "df": test["df"], "verdict": test["verdict"]}
 
 
 def run_flops(args, ctx, name, row, folder, step):
@@ -552,7 +555,7 @@ def losses_markdown(losses):
 
 
 def summarize(curves):
-    """Mean and std over seeds at each step every seed has reached."""
+    """Mean and sample std (ddof 1; None for one seed) over seeds at each step every seed has reached."""
     summary = {}
     for view, by_seed in curves.items():
         steps = sorted(set.intersection(*[{p["step"] for p in pts} for pts in by_seed.values()]))
@@ -563,35 +566,36 @@ def summarize(curves):
             for key in ("fid", "accuracy", "seconds", "flops", "flops_charged", "seconds_charged", "flops_amortised",
                         "seconds_amortised"):
                 if key in pts[0]:
-                    entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std([p[key] for p in pts])
+                    entry[f"{key}_mean"], entry[f"{key}_std"] = S.mean_std([p[key] for p in pts])
             rows.append(entry)
         summary[view] = rows
     return summary
 
 
-def flatness(args, summary):
-    """Is the last FLAT_TAIL_FRACTION of vanilla's curve flat within its seed spread?"""
+def flatness(args, summary, curves):
+    """Is the last FLAT_TAIL_FRACTION of vanilla's curve flat? Welch's t-test between the seeds' FIDs at the tail's
+    first and last evaluation: "flat" unless they differ with p < 0.05 (no significant change, which with 2-3 seeds
+    is weak evidence of none)."""
     rows = [r for r in summary.get("vanilla", []) if r["step"] <= args.steps]
     if not rows or rows[-1]["step"] != args.steps:
         return {"verdict": "not yet run"}
     tail = [r for r in rows if r["step"] >= (1 - FLAT_TAIL_FRACTION) * args.steps]
     if len(tail) < 2:
         tail = rows[-2:]
-    change = abs(tail[-1]["fid_mean"] - tail[0]["fid_mean"])
-    spread = float(np.mean([r["fid_std"] for r in tail]))
-    if tail[-1]["seeds"] < 2:
-        word = "undetermined (1 seed)"
+    first, last = tail[0]["step"], tail[-1]["step"]
+    test = S.compare(fids_at(curves, "vanilla", last), fids_at(curves, "vanilla", first))  # first - last
+    if test["p_value"] is None:
+        word = test["verdict"]
     else:
-        word = "flat" if change <= spread else "still changing: raise DEFAULT_STEPS"
-    return {"verdict": word, "fid_change": change, "seed_std": spread, "from_step": tail[0]["step"],
-            "to_step": tail[-1]["step"]}
+        word = "still changing: raise DEFAULT_STEPS" if test["p_value"] < S.ALPHA else "flat"
+    return {"verdict": word, "fid_change": abs(test["difference"]), "from_step": first, "to_step": last,
+            "test": {k: v for k, v in judged(test).items() if k != "verdict"}}
 
 
 def fmt(row, key="fid", digits=None):
-    """mean ± std over seeds; a single seed has no spread, so none is shown."""
+    """mean ± sample std over seeds; a single seed has no spread, so none is shown."""
     digits = digits if digits is not None else (2 if key == "fid" else 3)
-    mean = f"{row[f'{key}_mean']:.{digits}f}"
-    return f"{mean} ± {row[f'{key}_std']:.{digits}f}" if row["seeds"] > 1 else f"{mean} (1 seed)"
+    return S.fmt(row[f"{key}_mean"], row[f"{key}_std"] if row["seeds"] > 1 else None, digits)
 
 
 def write_results(args, ctx, rows):
@@ -600,37 +604,78 @@ def write_results(args, ctx, rows):
 
     out = ctx["out"]
     curves, loss_curves, losses = collect(args, ctx, rows)
+    vae = ctx["vae_metrics"] and dict(ctx["vae_metrics"], data=recorded_path(ctx["vae_metrics"]["data"], out))
+    measured = {"flops_per_image": ctx["flops"], "vae": vae, "loss_match": ctx["loss_match"],
+                "runs_finished": sorted(f"{n}/seed{s}" for (n, s) in set(ctx["evals"]) | ctx["merged"]),
+                "runs_merged": {"from": recorded_path(args.merge_results, out),
+                                "runs": sorted(f"{n}/seed{s}" for (n, s) in ctx["merged"])},
+                "machine": os.uname().machine}
+    sources = {"data": recorded_path(ctx["data_dir"], out), "vae": recorded_path(ctx["vae"], out)}
+    return derive_results(args, out, recorded_settings(args, out), measured, curves, loss_curves, losses, sources)
+
+
+def derive_results(args, out: Path, settings, measured, curves, loss_curves, losses, sources):
+    """Everything the per-seed curves determine (summary, convergence check, trends, equal compute), written with
+    them: results.json, loss_curves.json, results.md and the plots. `measured`: the recorded FLOPs, VAE metrics,
+    loss match, finished and merged runs and machine; `sources`: the data and VAE as results.md names them."""
+    rows = all_rows()
     summary = summarize(curves)
     final = {v: s[-1] for v, s in summary.items() if s and s[-1]["step"] == (
         run_length(args, "vanilla") if v == "vanilla_charged" else args.steps)}
     mid = {v: r for v in final if v != "vanilla_charged" for r in summary[v] if r["step"] == args.mid_step}
-    flat = flatness(args, summary)
+    flat = flatness(args, summary, curves)
     trends = []
     for better, worse, what in TRENDS:
         if better in final and worse in final:
             trend = {"trend": what, "better": better, "worse": worse}
             for key, at in (("end", final), ("mid", mid)):
-                diff, spread, word = verdict(at[better], at[worse])
-                trend[key] = {"step": at[better]["step"], "fid_difference": diff, "pooled_std": spread,
-                              "verdict": word}
+                step = at[better]["step"]
+                test = S.compare(fids_at(curves, better, step), fids_at(curves, worse, step))
+                trend[key] = {"step": step, **judged(test)}
             trends.append(trend)
         elif better in args.rows and worse in args.rows:
             trends.append({"trend": what, "better": better, "worse": worse, "verdict": "not yet run"})
-    equal = equal_compute(final)
+    equal = equal_compute(final, curves)
     equal["along_curve"] = equal_compute_curve(summary)
-    vae = ctx["vae_metrics"] and dict(ctx["vae_metrics"], data=recorded_path(ctx["vae_metrics"]["data"], out))
-    result = {"settings": recorded_settings(args, out), "flops_per_image": ctx["flops"],
-              "vae": vae, "loss_match": ctx["loss_match"], "convergence": flat,
+    result = {"settings": settings, "flops_per_image": measured["flops_per_image"], "vae": measured["vae"],
+              "loss_match": measured["loss_match"], "statistics": S.TEST, "convergence": flat,
               "equal_compute": equal, "trends": trends, "summary": summary, "curves": curves, "losses": losses,
-              "runs_finished": sorted(f"{n}/seed{s}" for (n, s) in set(ctx["evals"]) | ctx["merged"]),
-              "runs_merged": {"from": recorded_path(args.merge_results, out),
-                              "runs": sorted(f"{n}/seed{s}" for (n, s) in ctx["merged"])},
-              "machine": os.uname().machine}
+              "runs_finished": measured["runs_finished"], "runs_merged": measured["runs_merged"],
+              "machine": measured["machine"]}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "loss_curves.json").write_text(json.dumps(loss_curves))
-    (out / "results.md").write_text(report_markdown(args, ctx, rows, final, mid, flat, trends, equal, summary,
-                                                          losses))
+    (out / "results.md").write_text(report_markdown(args, result, sources, rows, final, mid, losses))
     plot(args, rows, summary, loss_curves, out)
+    return result
+
+
+def rederive(folder):
+    """Recompute the summary, the convergence check, the trends, equal compute, results.md and the plots of a
+    finished benchmark from its results.json and loss_curves.json (the per-seed points measured then; nothing is
+    trained or scored) and rewrite them in `folder`."""
+    import quickstart_assets
+    from convergence import recorded_path
+
+    out = Path(folder)
+    saved = json.loads((out / "results.json").read_text())
+    loss_curves = json.loads((out / "loss_curves.json").read_text())
+    settings = saved["settings"]
+    # JSON keys are strings: seeds and loss-window steps back to the integers a fresh run holds
+    curves = {view: {int(seed): points for seed, points in by_seed.items()}
+              for view, by_seed in saved["curves"].items()}
+    losses = {name: {key: {int(seed): {int(step): v for step, v in windows.items()}
+                           for seed, windows in by_seed.items()} for key, by_seed in by_key.items()}
+              for name, by_key in saved["losses"].items()}
+    measured = {k: saved[k] for k in ("flops_per_image", "vae", "loss_match", "runs_finished", "runs_merged",
+                                      "machine")}
+    # the data and VAE as prepare_data chose them (recorded: the digits written to data/digits, the bundled VAE, or
+    # one trained into the output folder)
+    default_vae = recorded_path(str(quickstart_assets.DEFAULT_VAE_PATH), out) if settings["train_data_dir"] is None \
+        else "vae"
+    sources = {"data": settings["train_data_dir"] or "data/digits", "vae": settings["vae_name_or_path"] or default_vae}
+    result = derive_results(argparse.Namespace(**settings), out, settings, measured, curves, loss_curves, losses,
+                            sources)
+    print((out / "results.md").read_text())
     return result
 
 
@@ -661,17 +706,19 @@ def equal_compute_curve(summary):
     return points
 
 
-def equal_compute(final):
-    """Self-Transcendence (teacher charged and amortised) against vanilla run for steps + stage 1 steps."""
+def equal_compute(final, curves):
+    """Self-Transcendence (teacher charged and amortised) against vanilla run for steps + stage 1 steps: Welch's
+    t-test on the seeds' FIDs at their last evaluations."""
     st, van = final.get("self_transcendence"), final.get("vanilla_charged")
     if st is None or van is None:
         return {"verdict": "not yet run"}
-    diff, spread, word = verdict(st, van)
+    test = judged(S.compare(fids_at(curves, "self_transcendence", st["step"]),
+                            fids_at(curves, "vanilla_charged", van["step"])))
+    word = test.pop("verdict")
     return {"st_fid": st["fid_mean"], "st_fid_std": st["fid_std"], "vanilla_fid": van["fid_mean"],
             "vanilla_fid_std": van["fid_std"], "st_flops_charged": st["flops_charged_mean"],
             "st_flops_amortised": st["flops_amortised_mean"], "vanilla_flops": van["flops_mean"],
-            "st_seconds_charged": st["seconds_charged_mean"], "vanilla_seconds": van["seconds_mean"],
-            "fid_difference": diff, "pooled_std": spread,
+            "st_seconds_charged": st["seconds_charged_mean"], "vanilla_seconds": van["seconds_mean"], **test,
             "verdict": f"Self-Transcendence (teacher charged) beats vanilla at equal steps+stage 1: {word}"}
 
 
@@ -690,30 +737,39 @@ def curves_markdown(summary):
     return lines
 
 
-def report_markdown(args, ctx, rows, final, mid, flat, trends, equal, summary, losses):
-    from convergence import recorded_path
+def test_cells(test):
+    """'difference [95 % CI] | p | verdict' of a judged() test (the p-value in its own column)."""
+    ci = f" [{test['ci95'][0]:+.2f}, {test['ci95'][1]:+.2f}]" if test["ci95"] else ""
+    p = "" if test["p_value"] is None else f"{test['p_value']:.2g}"
+    return f"{test['fid_difference']:+.2f}{ci} | {p} | {test['verdict'].split(' (p=')[0]}"
 
+
+def report_markdown(args, result, sources, rows, final, mid, losses):
+    flat, equal, trends, summary = result["convergence"], result["equal_compute"], result["trends"], result["summary"]
+    merged = result["runs_merged"]
     lines = [f"# Evidence benchmark ({'smoke' if args.smoke else 'quick' if args.quick else 'full'})", "",
              f"Budget {args.steps} steps (stage 1 {args.stage1_steps}, guide stop {args.guide_stop_step}), batch "
              f"{args.batch_size}, lr {args.learning_rate:g}, EMA {args.ema_decay:.5f}, evaluations every "
              f"{args.eval_every} steps; feature-FID of {args.samples_per_class} samples/class (Euler "
-             f"{args.sampling_steps}, no CFG). Data: {recorded_path(ctx['data_dir'], ctx['out'])}; VAE "
-             f"{recorded_path(ctx['vae'], ctx['out'])}"
-             + (f" (held-out PSNR {ctx['vae_metrics']['held_out_psnr']:.1f} dB)" if ctx["vae_metrics"] else "") + ".",
-             "", *([f"{len(ctx['merged'])} of the runs finished in {recorded_path(args.merge_results, ctx['out'])} "
-                    "(not here) and are reported from its results.json and loss_curves.json (--merge_results).", ""]
-                   if ctx["merged"] else []),
+             f"{args.sampling_steps}, no CFG). Data: {sources['data']}; VAE {sources['vae']}"
+             + (f" (held-out PSNR {result['vae']['held_out_psnr']:.1f} dB)" if result["vae"] else "") + ".",
+             "", *([f"{len(merged['runs'])} of the runs finished in {merged['from']} (not here) and are reported "
+                    "from its results.json and loss_curves.json (--merge_results).", ""] if merged["runs"] else []),
+             f"Spread: mean ± sample std (ddof 1) over seeds. Tests: {S.TEST}.", "",
              f"Convergence: the last {FLAT_TAIL_FRACTION:.0%} of vanilla's curve is **{flat['verdict']}**"
-             + (f" (FID moved {flat['fid_change']:.2f} from step {flat['from_step']} to {flat['to_step']}, seed std "
-                f"{flat['seed_std']:.2f})." if "fid_change" in flat else "."), "",
+             + (f" (FID moved {flat['fid_change']:.2f} from step {flat['from_step']} to {flat['to_step']}; Welch's "
+                f"t-test between the seeds' FIDs at the two steps, p={flat['test']['p_value']:.2g}: flat unless "
+                "p < 0.05)." if flat.get("test", {}).get("p_value") is not None else "."), "",
              "## Equal compute", ""]
     if "st_fid" in equal:
         lines += [f"Vanilla for {run_length(args, 'vanilla')} steps: FID {fmt(final['vanilla_charged'])}, "
                   f"{equal['vanilla_flops']:.3g} FLOPs, {equal['vanilla_seconds']:.0f} s. "
                   f"Self-Transcendence: FID {fmt(final['self_transcendence'])}, {equal['st_flops_charged']:.3g} "
                   f"FLOPs / {equal['st_seconds_charged']:.0f} s with its teacher charged, "
-                  f"{equal['st_flops_amortised']:.3g} FLOPs amortised. {equal['verdict']} (difference "
-                  f"{equal['fid_difference']:.2f}, pooled std {equal['pooled_std']:.2f}).", ""]
+                  f"{equal['st_flops_amortised']:.3g} FLOPs amortised. {equal['verdict'].split(' (p=')[0]} (difference "
+                  f"{equal['fid_difference']:+.2f}" + (f", 95 % CI [{equal['ci95'][0]:+.2f}, {equal['ci95'][1]:+.2f}]"
+                                                      f", Welch p={equal['p_value']:.2g}" if equal["ci95"] else "")
+                  + ").", ""]
     else:
         lines += ["Not yet run.", ""]
     if equal.get("along_curve"):
@@ -746,21 +802,22 @@ def report_markdown(args, ctx, rows, final, mid, flat, trends, equal, summary, l
                      f"{paper_text} |")
     lines += curves_markdown(summary)
     lines += losses_markdown(losses)
-    lines += ["", "## Trends (rule: holds if the mean FID difference exceeds the pooled std over seeds)", "",
-              f"Judged at step {args.mid_step} (mid-run, curves still falling) and at step {args.steps} (the end).",
+    lines += ["", f"## Trends (test: {S.TEST})", "",
+              f"Judged at step {args.mid_step} (mid-run, curves still falling) and at step {args.steps} (the end). "
+              "Difference: mean FID of the worse row - the better one, with its 95 % confidence interval (Welch).",
               "",
-              "| trend | at mid-run: difference (worse - better) | pooled std | verdict | at the end: difference | "
-              "pooled std | verdict |", "|---|---|---|---|---|---|---|"]
+              "| trend | at mid-run: difference (worse - better) [95 % CI] | p | verdict | at the end: difference "
+              "[95 % CI] | p | verdict |", "|---|---|---|---|---|---|---|"]
     for t in trends:
-        cells = [f"{t[k]['fid_difference']:.2f} | {t[k]['pooled_std']:.2f} | {t[k]['verdict']}" if k in t
-                 else f" | | {t['verdict']}" for k in ("mid", "end")]
+        cells = [test_cells(t[k]) if k in t else f" | | {t['verdict']}" for k in ("mid", "end")]
         lines.append(f"| {t['trend']} | {cells[0]} | {cells[1]} |")
-    if ctx["loss_match"]:
-        lm = ctx["loss_match"]
+    if result["loss_match"]:
+        lm = result["loss_match"]
         lines += ["", f"Loss-matched w = 1: initial guide loss {lm['loss_w1']:.4g} (w = 1) vs {lm['loss_w30']:.4g} "
                       f"(w = 30), mean of {lm['batches']} first batches at lr 0, seed {lm['seed']}; lambda = "
                       f"{DEFAULT_LAMBDA} x {lm['loss_w30']:.4g} / {lm['loss_w1']:.4g} = {lm['lambda']:.4g}."]
-    lines += ["", f"FLOPs per training image: {json.dumps({k: f'{v:.3g}' for k, v in ctx['flops'].items()})} "
+    flops = json.dumps({k: f"{v:.3g}" for k, v in result["flops_per_image"].items()})
+    lines += ["", f"FLOPs per training image: {flops} "
                   "(benchmarks/flops.py: 3 x forward of trained modules, the guiding model's forward to its block "
                   "twice per image in the guided phase).",
               "", "A CPU-scale result says whether the mechanisms behave as the paper reports on a tiny SiT and a tiny "
@@ -770,9 +827,9 @@ def report_markdown(args, ctx, rows, final, mid, flat, trends, equal, summary, l
 
 
 def fid_band(ax, xs, rows, label, color, marker="o", **style):
-    """A row's mean FID over seeds at xs, with a ± std band."""
+    """A row's mean FID over seeds at xs, with a ± sample std band (none for one seed)."""
     mean = np.array([r["fid_mean"] for r in rows])
-    std = np.array([r["fid_std"] for r in rows])
+    std = np.array([r["fid_std"] or 0.0 for r in rows])
     ax.plot(xs, mean, marker=marker, label=label, color=color, **style)
     ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=color)
 
@@ -924,6 +981,8 @@ def load_merged(args, ctx, rows):
 
 def main(args=None):
     args = args if isinstance(args, argparse.Namespace) else parse_args(args)
+    if args.rederive:
+        return rederive(args.rederive)
     from diffusers_selftrans import training as T
 
     out = Path(args.output_dir)
