@@ -6,7 +6,9 @@ One script, both stages (the released T2I setting, method-notes §3.4, `train_t2
 `train_t2i_self_trans.sh`):
 
 - `--stage 1`: the guiding model. Block n/6 (4 of 24) goes through an MLP + head to the latent grid and regresses the
-  velocity (VAE alignment), weight 0.5, at every t. No teacher. (Flux is not supported here: packed 2x2 tokens.)
+  velocity (VAE alignment), weight 0.5, at every t, through the released T2I head: modulated by the model's own
+  time embedding (`--stage1_head plain`: the class-conditional head). No teacher. Flux's head predicts its packed
+  2x2 latent tokens.
 - `--stage 2` (default): the student's block n/2 (12 of 24) regresses, through an MLP, the classifier-free-guided
   features f_u + w (f_c - f_u), w = 5, of the frozen stage-1 model's block 2n/3 (16 of 24): f_c with the caption,
   f_u with the empty prompt's embeddings. Weight 0.5, every t, the guide stops after 50K steps. The teacher is the
@@ -122,10 +124,17 @@ def parse_args(input_args=None):
                    help="Text tokens (T5 / Gemma). Default: the pipeline's own `encode_prompt` default.")
     g.add_argument("--caption_dropout", type=float, default=T2I_CAPTION_DROPOUT,
                    help="Probability of replacing a caption's embeddings by the empty prompt's (CFG).")
+    g.add_argument("--teacher_captions", type=str, default="dropped", choices=["dropped", "original"],
+                   help="Stage 2: the teacher's conditional branch sees the student's captions after caption dropout "
+                        "(dropped, default: the released code drops captions in the dataset, for both) or the "
+                        "original caption even where the student's was dropped (original).")
     g.add_argument("--precompute_text_embeddings", action="store_true",
                    help="Encode each caption once and keep its embeddings on disk (OUTPUT_DIR/text_embeddings/).")
     g = parser.add_argument_group("self-transcendence")
     g.add_argument("--align_layer", type=int, default=None, help="Stage 1 block (default n/6: 4 of 24).")
+    g.add_argument("--stage1_head", type=str, default="modulated", choices=["modulated", "plain"],
+                   help="Stage 1 head: modulated (default, the released T2I FinalLayer: shift/scale from the model's "
+                        "time embedding) or plain (the class-conditional stage 1's unmodulated head).")
     g.add_argument("--guided_layer", type=int, default=None, help="Stage 2 student block (default n/2: 12 of 24).")
     g.add_argument("--guiding_layer", type=int, default=None, help="Stage 2 teacher block (default 2n/3: 16 of 24).")
     g.add_argument("--guide_cfg_scale", type=float, default=None, help="w (default 5).")
@@ -313,6 +322,7 @@ def alignment_for_stage(args, model, family, null, device, teacher_autocast=None
     if args.t_range is not None:
         options["t_range"] = tuple(args.t_range)
     if args.stage == 1:
+        options["modulated_head"] = args.stage1_head == "modulated"
         return build_alignment(method, model, **options)
     guide_config = type(model).load_config(args.guiding_model_name_or_path, subfolder=args.guiding_model_subfolder)
     check_provenance(f"the guiding model {args.guiding_model_name_or_path}",
@@ -416,9 +426,6 @@ def main(args=None):
     # 4.2 The pipeline's frozen VAE and text encoders; the empty prompt (CFG dropout and the teacher's f_u)
     pipeline_cls, family, transformer_cls, text_length = pipeline_info(args.pretrained_model_name_or_path,
                                                                        args.revision)
-    if args.stage == 1 and family == "flux":
-        raise ValueError("Stage 1 (VAE alignment) does not support Flux's packed tokens; train the guiding model with "
-                         "SD3, PixArt or Sana, or pass a Flux guiding model to --stage 2.")
     dtype = {} if weight_dtype == torch.float32 else {"torch_dtype": weight_dtype}
     text_pipe = pipeline_cls.from_pretrained(args.pretrained_model_name_or_path, transformer=None,
                                              revision=args.revision, **dtype)
@@ -535,6 +542,8 @@ def main(args=None):
             cond = {k: v.float() for k, v in embed(batch["captions"]).items()}  # the caption's (never dropped)
             t, noise, x_t, target = transport.sample(x0)
             drop = torch.rand(x0.shape[0], device=x0.device) < args.caption_dropout
+            student_cond = drop_captions(cond, null, drop)
+            teacher_cond = student_cond if args.teacher_captions == "dropped" else cond
             n_text = cond["encoder_hidden_states"].shape[1]
             static = static_kwargs(family, core, encoder_shape(batch, vae), x0.device, x0.dtype, n_text)
             shared = {}
@@ -542,11 +551,13 @@ def main(args=None):
                 shared = {"guidance": torch.full((x0.shape[0],), args.flux_guidance_scale, device=x0.device)}
             active = method.is_active(global_step)
             out = feats(x_t, timestep=model_timestep(core, t), layers=method.student_layers if active else (),
-                        **drop_captions(cond, null, drop), **static, **shared)
+                        return_time_embedding=active and getattr(method, "needs_time_embedding", False),
+                        **student_cond, **static, **shared)
             velocity = model_velocity(core, out.sample)
             loss_diff = ((velocity.float() - target.float()) ** 2).mean()
             terms = method(out.hidden_states, x_t=x_t, t=t, target=target, x0=x0, noise=noise, step=global_step,
-                           conditioning=cond, shared_kwargs=shared or None, model_kwargs=static) if active else {}
+                           conditioning=teacher_cond, shared_kwargs=shared or None, model_kwargs=static,
+                           time_embedding=out.time_embedding) if active else {}
             loss = loss_diff + sum(method.weights[name] * value for name, value in terms.items())
             accelerator.backward(loss)
             guard.observe(loss)

@@ -65,7 +65,7 @@ def test_convergence_smoke_writes_curves_plot_and_table(tmp_path):
     stage1_total = saved["curves"]["vae_align"]["0"][-1]["train_seconds"]
     assert saved["curves"]["self_transcendence"]["0"][0]["train_seconds"] > stage1_total
     summary = result["summary"]["vanilla"][-1]
-    assert summary["seeds"] == 1 and summary["fid_std"] == 0.0
+    assert summary["seeds"] == 1 and summary["fid_std"] is None  # one seed: no spread
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in methods)
     assert Image.open(out / "convergence.png").size[0] > 500

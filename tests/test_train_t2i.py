@@ -200,6 +200,26 @@ def test_caption_dropout_swaps_in_the_empty_prompt():
         assert torch.equal(out["encoder_hidden_states"][i], cond["encoder_hidden_states"][i])
 
 
+def test_teacher_sees_the_dropped_captions_by_default_as_the_released_code(assets, stage1, tmp_path):
+    """Released T2I: captions are dropped in the dataset, so the teacher's conditional branch gets the empty prompt
+    wherever the student's caption was dropped. With every caption dropped, f_c = f_u and the target f_u + w (f_c -
+    f_u) no longer depends on w (dropout 0.999999: every caption of the seeded draw): the first step's guide loss is the same for w = 5 and w = 1. With
+    --teacher_captions original the teacher keeps the caption, and w matters."""
+    def first_guide_loss(name, **extra):
+        out = tmp_path / name
+        t2i.main(flags(assets, "sd3", out, guiding_model_name_or_path=stage1["sd3"], caption_dropout=0.999999,
+                       max_train_steps=1, checkpointing_steps=100, **extra))
+        return read_losses(out)[1]["loss_guide"]
+
+    dropped = [first_guide_loss(f"dropped_w{w}", guide_cfg_scale=w) for w in (5, 1)]
+    assert dropped[0] == pytest.approx(dropped[1], rel=1e-6)
+    original = [first_guide_loss(f"original_w{w}", guide_cfg_scale=w, teacher_captions="original") for w in (5, 1)]
+    assert original[0] != pytest.approx(original[1], rel=1e-3)
+    assert original[1] != pytest.approx(dropped[1], rel=1e-3)  # w = 1: f_g = f_c, the caption's or the empty prompt's
+    assert t2i.parse_args(flags(assets, "sd3", tmp_path / "x", guiding_model_name_or_path=stage1["sd3"])
+                          ).teacher_captions == "dropped"
+
+
 def test_empty_prompt_has_the_caption_sequence_length(assets):
     import diffusers
 
