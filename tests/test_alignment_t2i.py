@@ -155,7 +155,7 @@ def make_st(family, student_layers=3, teacher_layers=4, **options):
     return student, teacher, method
 
 
-@pytest.mark.parametrize("family", ("sd3", "pixart", "sana", "dit", "flux"))
+@pytest.mark.parametrize("family", ("sd3", "pixart", "sana", "dit", "flux", "qwenimage"))
 def test_self_transcendence_value_against_separate_teacher_passes(family):
     student, teacher, method = make_st(family)
     b, cond, static = batch(family)
@@ -175,7 +175,7 @@ def test_self_transcendence_value_against_separate_teacher_passes(family):
     assert method.weights == {"guide": 0.5}
 
 
-@pytest.mark.parametrize("family", ("sd3", "pixart"))
+@pytest.mark.parametrize("family", ("sd3", "pixart", "qwenimage"))
 def test_one_batched_early_exit_teacher_pass_and_gradients(family):
     student, teacher, method = make_st(family)
     b, cond, static = batch(family)

@@ -19,18 +19,36 @@ Block numbering (1-based, the number `layers` / `stop_at_layer` take):
 - `FluxTransformer2DModel`: double-stream blocks 1..D (`transformer_blocks`), then single-stream blocks D+1..D+S
   (`single_transformer_blocks`); for both, only the image tokens are returned (the single blocks' text tokens are
   split off, as the block itself returns them). Tokens are Flux's packed 2x2 latents.
+- `Flux2Transformer2DModel` (Flux.2): the same numbering as Flux; its single-stream blocks return ONE joint
+  sequence [text, image], of which the tokens after the call's `encoder_hidden_states` are kept. Packed 2x2 tokens.
+- `QwenImageTransformer2DModel`: `transformer_blocks` 1..n (MM-DiT, (text, image) tuples). Packed 2x2 tokens.
+- `Lumina2Transformer2DModel`, `ZImageTransformer2DModel`: the main `layers` 1..n, the blocks the config's
+  `num_layers` / `n_layers` counts. Their `noise_refiner` / `context_refiner` blocks (2 each in the released models)
+  run before, on the image tokens alone and on the caption alone, and are NOT numbered: they always run, also after an
+  early exit (a fixed preamble like the patch embedding). The main blocks see one joint sequence per sample: Lumina 2
+  packs [the caption's unmasked tokens (`encoder_attention_mask`), image, padding], so the image tokens start at a
+  per-sample offset; Z-Image packs [image, padding to 32, caption], so they are the first (F/pF)(H/p)(W/p).
+- `WanTransformer3DModel` (video): `blocks` 1..n (text in cross-attention); tokens are the (F/pt)(H/ph)(W/pw) patches.
 - `PixArtTransformer2DModel`, `SanaTransformer2DModel`, `DiTTransformer2DModel`: `transformer_blocks` 1..n (image
   tokens only: these models keep text in cross-attention).
 
 Time at the edge (`model_timestep`): our raw t in [0, 1] (x_t = (1 - t) x0 + t eps, data at t = 0) is the flow-matching
 sigma. SD3, PixArt and DiT take `timestep = 1000 t` (what their pipelines pass with `FlowMatchEulerDiscreteScheduler`,
 whose `timesteps = sigmas * num_train_timesteps`); Sana takes `1000 t * config.timestep_scale` (`pipeline_sana.py`);
-Flux takes t itself (`FluxPipeline` passes `timestep / 1000` and `FluxTransformer2DModel.forward` multiplies by 1000);
-SiT takes t. `model_velocity` reads the velocity eps - x0 off the model output: SD3/Flux/Sana/SiT predict it directly;
-PixArt/DiT with learn_sigma-style doubled output channels (`out_channels == 2 * in_channels`) predict it in the first
-half (the second half is unused in flow-matching training).
+Flux, Flux.2 and Qwen-Image take t itself (their pipelines pass `timestep / 1000`; Flux/Flux.2 multiply by 1000 in
+`forward`, Qwen-Image's `Timesteps(scale=1000)` does); Wan takes `1000 t` (`WanPipeline` passes the scheduler's
+timesteps, 1000 sigma, truncated to integers by `UniPCMultistepScheduler`); Lumina 2 and Z-Image run time the other
+way, data at 1: they take `1 - t` (`Lumina2Pipeline`: `1 - t / 1000`; `ZImagePipeline`: `(1000 - t) / 1000`, Z-Image
+then multiplies by `t_scale`); SiT takes t. `model_velocity` reads the velocity eps - x0 off the model output:
+SD3/Flux/Flux.2/Qwen-Image/Wan/Sana/SiT predict it directly; Lumina 2 and Z-Image predict x0 - eps (the velocity of
+their reversed time; both pipelines negate it before the scheduler step), so it is negated; PixArt/DiT with
+learn_sigma-style doubled output channels (`out_channels == 2 * in_channels`) predict it in the first half (the second
+half is unused in flow-matching training). Z-Image takes and returns per-sample LISTS of (C, 1, H, W) latents and calls
+its time argument `t`: `model_inputs(model, x_t, t)` builds the latent and time arguments of any family from the
+(N, C, H, W) batch, and `model_velocity` stacks the list back.
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -49,11 +67,21 @@ class TransformerFamily:
     """How to read one diffusers transformer class.
 
     name: short family name; block_lists: attribute names of its block `ModuleList`s, in execution order;
-    image_output: index of the image tokens in a block's tuple output (`None`: the block returns a tensor);
-    timestep_scale: `timestep = timestep_scale * t`; doubled_output: learn_sigma-style channels may be doubled;
+    image_output: index of the image tokens when a block returns a tuple (a block returning a tensor returns its token
+    stream itself; `None`: every block returns a tensor); timestep_scale, timestep_offset:
+    `timestep = timestep_offset + timestep_scale * t`; doubled_output: learn_sigma-style channels may be doubled;
     time_embedding: the module whose output modulates the model's final layer (the timestep embedding, with the
     pooled text for SD3 and Flux) and the index of that vector in its tuple output (`None`: a tensor); packed: the
-    tokens are the latent grid packed 2x2 (Flux), so a per-token head predicts the packed latents.
+    tokens are the latent grid packed 2x2 outside the model (Flux, Flux.2, Qwen-Image), so a per-token head predicts
+    the packed latents;
+    token_layout: one entry per block list, where the image tokens sit in a block's token stream: `None` (the stream is
+    the image tokens), "text_first" ([text: every position of the call's `encoder_hidden_states`, image]),
+    "masked_text_first" ([each sample's unmasked text tokens, counted by the call's `encoder_attention_mask`, image,
+    padding]: a per-sample offset), "image_first" ([image, padding, text]: the first (F/pF)(H/p)(W/p) tokens of the
+    call's per-sample latents `x` (C, F, H, W) at its `patch_size` / `f_patch_size`); `()`: all `None`;
+    velocity_sign: -1 where the model predicts x0 - eps (data at timestep 1); time_embedding_width: the time embedding
+    is min(hidden, this) wide where the model caps it (`None`: the hidden size); timestep_argument: the name of
+    `forward`'s time argument; sample_list: `forward` takes and returns per-sample lists of (C, 1, H, W) latents.
     """
 
     name: str
@@ -64,6 +92,15 @@ class TransformerFamily:
     doubled_output: bool = False
     time_embedding: Optional[Tuple[str, Optional[int]]] = None
     packed: bool = False
+    token_layout: Tuple[Optional[str], ...] = ()
+    timestep_offset: float = 0.0
+    velocity_sign: float = 1.0
+    time_embedding_width: Optional[int] = None
+    timestep_argument: str = "timestep"
+    sample_list: bool = False
+
+
+TOKEN_LAYOUTS = (None, "text_first", "masked_text_first", "image_first")
 
 
 FAMILIES = (
@@ -82,6 +119,29 @@ FAMILIES = (
                       time_embedding=("time_embed", 1)),
     TransformerFamily("dit", "DiTTransformer2DModel", ("transformer_blocks",), None, float(NUM_TRAIN_TIMESTEPS),
                       doubled_output=True),
+    # Flux2TransformerBlock returns (encoder_hidden_states, hidden_states); Flux2SingleTransformerBlock, called with
+    # encoder_hidden_states=None, returns the joint [text, image] tensor. Flux2Pipeline passes `timestep / 1000`, the
+    # model multiplies by 1000; `norm_out(x, temb)`, temb = `time_guidance_embed(timestep, guidance)`.
+    TransformerFamily("flux2", "Flux2Transformer2DModel", ("transformer_blocks", "single_transformer_blocks"), 1, 1.0,
+                      time_embedding=("time_guidance_embed", None), packed=True, token_layout=(None, "text_first")),
+    # QwenImageTransformerBlock returns (encoder_hidden_states, hidden_states); QwenImagePipeline passes
+    # `timestep / 1000` (its Timesteps(scale=1000) rescales); `norm_out(x, temb)`, temb = `time_text_embed(...)`.
+    TransformerFamily("qwenimage", "QwenImageTransformer2DModel", ("transformer_blocks",), 1, 1.0,
+                      time_embedding=("time_text_embed", None), packed=True),
+    # Lumina2TransformerBlock returns the joint tensor; reversed time (`1 - t / 1000`), output negated by the pipeline;
+    # `norm_out(x, temb)`, temb = `time_caption_embed(...)[0]`, min(hidden_size, 1024) wide.
+    TransformerFamily("lumina2", "Lumina2Transformer2DModel", ("layers",), None, -1.0, timestep_offset=1.0,
+                      velocity_sign=-1.0, time_embedding=("time_caption_embed", 0), time_embedding_width=1024,
+                      token_layout=("masked_text_first",)),
+    # ZImageTransformerBlock returns the joint tensor; reversed time (`(1000 - t) / 1000`), output negated by the
+    # pipeline; the final layer is modulated by `t_embedder(t * t_scale)`, min(dim, 256) wide (ADALN_EMBED_DIM).
+    TransformerFamily("zimage", "ZImageTransformer2DModel", ("layers",), None, -1.0, timestep_offset=1.0,
+                      velocity_sign=-1.0, time_embedding=("t_embedder", None), time_embedding_width=256,
+                      token_layout=("image_first",), timestep_argument="t", sample_list=True),
+    # WanTransformerBlock returns the image tokens; WanPipeline passes the scheduler's 1000-sigma timesteps; the
+    # output's shift/scale are `scale_shift_table + temb`, temb = `condition_embedder(...)[0]`.
+    TransformerFamily("wan", "WanTransformer3DModel", ("blocks",), None, float(NUM_TRAIN_TIMESTEPS),
+                      time_embedding=("condition_embedder", 0)),
 )
 SUPPORTED_CLASSES = tuple(f.class_name for f in FAMILIES)
 
@@ -102,27 +162,43 @@ def transformer_family(model: Any) -> TransformerFamily:
                      f"{', '.join(SUPPORTED_CLASSES)}.")
 
 
+def _hidden_size(cfg) -> int:
+    """The width of the block features: Lumina 2's `hidden_size`, Z-Image's `dim`, else heads x head width."""
+    return cfg.get("hidden_size") or cfg.get("dim") or cfg.num_attention_heads * cfg.attention_head_dim
+
+
 def describe_transformer(model: Any) -> Dict[str, Any]:
-    """What the alignment methods need to size their heads: family, num_layers (all blocks, Flux: D + S),
-    hidden_size (width of the block features), patch_size, in_channels (latent channels), sample_size and
-    num_tokens (`None` when the config does not fix them, e.g. Flux)."""
+    """What the alignment methods need to size their heads: family, num_layers (all numbered blocks, Flux/Flux.2:
+    D + S; not Lumina 2's / Z-Image's refiners), hidden_size (width of the block features), patch_size (the patch one
+    token covers as the model itself patchifies: 1 for the packed families, whose tokens arrive packed 2x2; Z-Image's
+    first `all_patch_size`; Wan's (pt, ph, pw) tuple), in_channels (the model's input channels: the packed token width
+    for packed families), sample_size and num_tokens (`None` when the config does not fix them, e.g. Flux), packed,
+    time_embedding (whether one is read) and time_embedding_dim (its width: the hidden size, or the family's cap)."""
     family = transformer_family(model)
     model = getattr(model, "_orig_mod", model)
     cfg = model.config
     num_layers = sum(len(getattr(model, name)) for name in family.block_lists)
-    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    hidden = _hidden_size(cfg)
     sample_size = cfg.get("sample_size")
-    patch_size = cfg.get("patch_size") or 1
+    patch_size = cfg.get("patch_size") or (cfg.get("all_patch_size") or (1,))[0]
+    if isinstance(patch_size, (tuple, list)):  # Wan's (pt, ph, pw)
+        patch_size = tuple(patch_size)
+    if family.packed:
+        patch_size = 1
     if isinstance(sample_size, (tuple, list)):
         sample_size = sample_size[0] if len(set(sample_size)) == 1 else None
-    num_tokens = (sample_size // patch_size) ** 2 if sample_size else None
+    num_tokens = (sample_size // patch_size) ** 2 if sample_size and isinstance(patch_size, int) else None
+    time_embedding_dim = None
+    if family.time_embedding is not None:
+        time_embedding_dim = min(hidden, family.time_embedding_width or hidden)
     return dict(family=family.name, num_layers=num_layers, hidden_size=hidden, patch_size=patch_size,
                 in_channels=cfg.in_channels, sample_size=sample_size, num_tokens=num_tokens, packed=family.packed,
-                time_embedding=family.time_embedding is not None)
+                time_embedding=family.time_embedding is not None, time_embedding_dim=time_embedding_dim)
 
 
 def model_timestep(model: Any, t: torch.Tensor) -> torch.Tensor:
-    """Our raw t in [0, 1] (noise level, data at 0) -> the `timestep` argument of `model`'s family (see module doc)."""
+    """Our raw t in [0, 1] (noise level, data at 0) -> the time argument of `model`'s family (see module doc): the
+    `timestep` (Z-Image: `t`) its own pipeline passes at flow-matching sigma t."""
     family = transformer_family(model)
     t = torch.as_tensor(t)
     if t.is_floating_point() is False:
@@ -130,16 +206,34 @@ def model_timestep(model: Any, t: torch.Tensor) -> torch.Tensor:
     scale = family.timestep_scale
     if family.name == "sana":
         scale = scale * getattr(model, "_orig_mod", model).config.get("timestep_scale", 1.0)
-    return t * scale
+    return family.timestep_offset + t * scale  # the offset is 0 except for the reversed-time families
 
 
-def model_velocity(model: Any, sample: torch.Tensor) -> torch.Tensor:
-    """The model output's velocity eps - x0: the whole output, or the first half of learn_sigma-doubled channels."""
+def model_velocity(model: Any, sample: Any) -> torch.Tensor:
+    """The model output's velocity eps - x0: the whole output, the first half of learn_sigma-doubled channels, minus
+    the output of the families that predict x0 - eps (Lumina 2, Z-Image); Z-Image's per-sample list of (C, 1, H, W)
+    is stacked to (N, C, H, W) first, as `ZImagePipeline` does."""
     family = transformer_family(model)
     in_channels = getattr(model, "_orig_mod", model).config.in_channels
+    if family.sample_list:
+        sample = torch.stack(list(sample)).squeeze(2)
     if family.doubled_output and sample.ndim == 4 and sample.shape[1] == 2 * in_channels:
-        return sample[:, :in_channels]
-    return sample
+        sample = sample[:, :in_channels]
+    return -sample if family.velocity_sign < 0 else sample
+
+
+def model_inputs(model: Any, x: torch.Tensor, t: torch.Tensor) -> Dict[str, Any]:
+    """The latent and time keyword arguments of `model`'s forward for the batch `x` at our raw t: `{"hidden_states": x,
+    "timestep": model_timestep(model, t)}` for most families; Z-Image's `{"x": [(C, 1, H, W)] * N, "t": ...}` (the
+    per-sample list `ZImagePipeline` passes, from x of shape (N, C, H, W))."""
+    family = transformer_family(model)
+    module = getattr(model, "_orig_mod", model)
+    latent_argument = next(iter(inspect.signature(module.forward).parameters))
+    if family.sample_list:
+        if x.ndim != 4:
+            raise ValueError(f"{family.class_name} takes images (N, C, H, W), got shape {tuple(x.shape)}.")
+        x = list(x.unsqueeze(2).unbind(0))
+    return {latent_argument: x, family.timestep_argument: model_timestep(model, t)}
 
 
 @dataclass
@@ -162,9 +256,12 @@ class BlockFeatures:
         out.sample, out.hidden_states[4]
         teacher_out = BlockFeatures(teacher)(x_t, timestep=..., ..., stop_at_layer=16)   # blocks 1..16 only
 
-    All positional and keyword arguments other than `layers` / `stop_at_layer` go to the model's own `forward`.
+    All positional and keyword arguments other than `layers` / `stop_at_layer` go to the model's own `forward`
+    (`model_inputs(transformer, x_t, t)` gives its latent and time arguments, Z-Image's lists included).
     `model` may be a `torch.compile`d module, provided the adapter was built on the module before compiling
     (the hooks must exist when it is compiled) or is given the compiled wrapper itself.
+    Families whose blocks see one joint text + image sequence (Flux.2's single-stream blocks, Lumina 2, Z-Image) have
+    the image tokens cut out by the family's `token_layout`, from the call's own arguments (read before the forward).
     """
 
     def __init__(self, model: nn.Module):
@@ -178,12 +275,19 @@ class BlockFeatures:
         self._prefixes: Dict[int, List[nn.ModuleList]] = {}
         self._handles = []
         self._want_time_embedding = False
+        self._span: Dict[str, Any] = {}
+        layouts = self.family.token_layout or (None,) * len(self._lists)
+        if len(layouts) != len(self._lists) or any(layout not in TOKEN_LAYOUTS for layout in layouts):
+            raise ValueError(f"{self.family.name}: token_layout {layouts} must give one of {TOKEN_LAYOUTS} per block "
+                             f"list {self.family.block_lists}.")
+        self._layouts = frozenset(layout for layout in layouts if layout is not None)
+        self._signature = None if self.family.name == "sit" else inspect.signature(self._module.forward)
         if self.family.name != "sit":
             index = 0
-            for _, blocks in self._lists:
+            for (_, blocks), layout in zip(self._lists, layouts):
                 for block in blocks:
                     index += 1
-                    self._handles.append(block.register_forward_hook(self._make_hook(index)))
+                    self._handles.append(block.register_forward_hook(self._make_hook(index, layout)))
             if self.family.time_embedding is not None:
                 name, position = self.family.time_embedding
                 self._handles.append(getattr(self._module, name).register_forward_hook(self._time_hook(position)))
@@ -195,14 +299,53 @@ class BlockFeatures:
 
         return hook
 
-    def _make_hook(self, index: int):
+    def _make_hook(self, index: int, layout: Optional[str]):
         image_output = self.family.image_output
 
         def hook(module, args, output):
             if index in self._wanted:
-                self._captured[index] = output if image_output is None else output[image_output]
+                tokens = output[image_output] if isinstance(output, tuple) else output
+                self._captured[index] = tokens if layout is None else self._image_tokens(layout, tokens)
 
         return hook
+
+    def _image_tokens(self, layout: str, tokens: torch.Tensor) -> torch.Tensor:
+        """The image tokens (N, T, D) of a joint-sequence block output, at the offsets this call's arguments give."""
+        if layout == "text_first":
+            return tokens[:, self._span["text_first"]:]
+        if layout == "image_first":
+            return tokens[:, : self._span["image_first"]]
+        starts = self._span["masked_text_first"]  # per-sample: [unmasked text, image, padding]
+        num_image = tokens.shape[1] - max(starts)
+        if len(set(starts)) == 1:
+            return tokens[:, starts[0]: starts[0] + num_image]
+        return torch.stack([tokens[i, start: start + num_image] for i, start in enumerate(starts)])
+
+    def _token_spans(self, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """Where the image tokens start / end in the joint sequences of this call, from its arguments."""
+        if not self._layouts:
+            return {}
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        spans: Dict[str, Any] = {}
+        if "text_first" in self._layouts:
+            spans["text_first"] = arguments["encoder_hidden_states"].shape[1]
+        if "masked_text_first" in self._layouts:
+            mask = arguments["encoder_attention_mask"]
+            spans["masked_text_first"] = [int(k) for k in mask.sum(dim=1).tolist()]
+        if "image_first" in self._layouts:
+            latents = arguments["x"]
+            if any(isinstance(item, (list, tuple)) for item in latents):
+                raise ValueError(f"{self.family.class_name}'s omni mode (nested latent lists) packs [caption, image, "
+                                 "SigLIP] sequences; block features read the basic mode (one image per sample).")
+            p, pf = arguments["patch_size"], arguments["f_patch_size"]
+            counts = {(item.shape[1] // pf) * (item.shape[2] // p) * (item.shape[3] // p) for item in latents}
+            if len(counts) != 1:
+                raise ValueError(f"Block features of {self.family.class_name} need latents of one size per batch "
+                                 f"(image token counts {sorted(counts)}).")
+            spans["image_first"] = counts.pop()
+        return spans
 
     def close(self) -> None:
         """Removes the hooks from the model."""
@@ -244,6 +387,7 @@ class BlockFeatures:
             raise RuntimeError("This BlockFeatures was closed; build a new one.")
         wanted = layers | ({stop_at_layer} if stop_at_layer is not None else frozenset())
         truncate = stop_at_layer is not None and stop_at_layer < self.num_layers
+        self._span = self._token_spans(args, kwargs) if wanted else {}
         self._captured = {}
         self._wanted = wanted
         self._want_time_embedding = return_time_embedding
@@ -257,10 +401,17 @@ class BlockFeatures:
             self._wanted = frozenset()
             self._want_time_embedding = False
             self._captured = {}
+            self._span = {}
             if truncate:
                 for name, blocks in self._lists:
                     setattr(self._module, name, blocks)
         time_embedding = features.pop("time_embedding", None)
+        if time_embedding is not None:
+            latents = args[0] if args else kwargs.get(next(iter(self._signature.parameters)))
+            if latents is not None and time_embedding.shape[0] != len(latents):
+                raise RuntimeError(f"{self.family.class_name}'s time embedding has batch {time_embedding.shape[0]} "
+                                   f"for {len(latents)} samples (e.g. Qwen-Image with zero_cond_t embeds a second, "
+                                   "zero timestep); the final layer's vector cannot be read off it.")
         missing = wanted - set(features)
         if missing:
             raise RuntimeError(f"Blocks {sorted(missing)} did not run in this forward (skipped layers?).")
