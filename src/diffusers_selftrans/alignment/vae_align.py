@@ -95,11 +95,11 @@ class VAEAlignment(AlignmentMethod):
         self.packed = bool(cfg.get("packed"))
         self.modulated_head = modulated_head
         hidden = cfg["hidden_size"]
-        # ST `build_mlp(D, 2048, D)` + `FinalLayer_2(D, p, C)` (T2I: `FinalLayer`, modulated by the model's c, whose
-        # width is the model's hidden size in every supported family): the head emits p*p*C values per token.
+        # ST `build_mlp(D, 2048, D)` + `FinalLayer_2(D, p, C)` (T2I: `FinalLayer`, modulated by the model's c, as
+        # wide as `describe_transformer` says: the hidden size, or less for Lumina 2 / Z-Image): p*p*C values a token.
         self.projector = make_projector(
             projector, hidden, hidden, projector_dim, head_features=self.patch_size**2 * self.latent_channels,
-            modulation_features=hidden if modulated_head else None,
+            modulation_features=(cfg.get("time_embedding_dim") or hidden) if modulated_head else None,
         )
         self.weights = {self.name: float(weight)}
 
