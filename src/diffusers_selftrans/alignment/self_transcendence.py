@@ -16,8 +16,13 @@ The loss is written once; only the teacher call is pluggable (`self.guide`, buil
   conditioning keyword (`encoder_hidden_states`, `pooled_projections`, `encoder_attention_mask`, `class_labels`, ...)
   becomes `[caption's, empty prompt's broadcast to the batch]` (released T2I code: `empty_context.npy`), the time is
   converted with `model_timestep`, and the pass exits after the guiding block.
+
+A teacher that shares the student's module (`lora.AdapterTeacher`: the stage-1 LoRA adapter, or the base with the
+adapters off, on the student's own base weights) is neither frozen nor cast: its `model` is the module the guide runs,
+inside its `context()` (which switches the adapter around the one no-grad pass and restores the student's).
 """
 
+import contextlib
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -160,6 +165,8 @@ class SelfTranscendence(AlignmentMethod):
             (stage-1 `model` weights; the T2I release loads the EMA). It is
             put in `eval()`, frozen and optionally cast to `teacher_dtype`. It is NOT a submodule: it stays out of
             `parameters()`, `state_dict()`, `train()`/`eval()` and DDP, and follows the data's device on first use.
+            Or a `lora.AdapterTeacher` on the student's own transformer (the stage-1 LoRA adapter, or the base with
+            its adapters off): not frozen or cast, its pass runs inside its `context()`; `teacher_dtype` is refused.
         guided_layer, guiding_layer (`int`, *optional*): student / teacher blocks; defaults n/2 and 2n/3 of the
             respective depths (`default_layers`; XL guiding = 19).
         guidance_scale (`float`, *optional*): w; default 30, or 10 when the student uses any LightningDiT option
@@ -211,6 +218,16 @@ class SelfTranscendence(AlignmentMethod):
         student = resolve_model_config(model_config)
         if teacher is None or not hasattr(teacher, "config"):
             raise ValueError("self_transcendence needs the guiding model (a SiTTransformer2DModel) as `teacher`.")
+        shared = getattr(teacher, "shares_student_weights", False)  # lora.AdapterTeacher
+        if shared:
+            if teacher_dtype is not None:
+                raise ValueError("teacher_dtype casts the guiding model's weights, but this teacher shares them with "
+                                 "the student; use teacher_autocast.")
+            student_module = getattr(model_config, "_orig_mod", model_config)
+            if isinstance(model_config, nn.Module) and student_module is not teacher.model:
+                raise ValueError("The adapter teacher must live on the student's own transformer (the model passed "
+                                 "here), not on a copy.")
+        context, teacher = (teacher.context, teacher.model) if shared else (None, teacher)
         sit = student["family"] == "sit"
         tea = resolve_model_config(teacher.config if sit else teacher)
         if tea["family"] != student["family"]:
@@ -262,7 +279,8 @@ class SelfTranscendence(AlignmentMethod):
 
         # 3. Parts: trainable projector (a submodule), frozen teacher (held outside the module tree) and its call.
         self.projector = make_projector(projector, student["hidden_size"], tea["hidden_size"], projector_dim)
-        self._hold_frozen("teacher", freeze(teacher, teacher_dtype))
+        self._hold_frozen("teacher", teacher if shared else freeze(teacher, teacher_dtype))
+        self._hold_frozen("teacher_context", context)
         guide = ClassConditionalGuide(self.null_class) if sit else PromptConditionalGuide(teacher, null_conditioning)
         self._hold_frozen("guide", guide)
         self.stopped = False
@@ -290,6 +308,7 @@ class SelfTranscendence(AlignmentMethod):
         self.stopped = True
         self.projector.requires_grad_(False)
         self._hold_frozen("teacher", None)  # drop our reference so its memory can be freed
+        self._hold_frozen("teacher_context", None)
         if self.guide is not None:
             self.guide.close()  # a diffusers teacher's hooks and the adapter's reference go too
 
@@ -306,7 +325,8 @@ class SelfTranscendence(AlignmentMethod):
         _, dtype = module_device_dtype(self.teacher)
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
         t = t.expand(n) if t.ndim == 0 else t.reshape(n)
-        with frozen_forward_context(x_t.device, dtype, self.teacher_autocast):
+        shared = self.teacher_context() if self.teacher_context is not None else contextlib.nullcontext()
+        with shared, frozen_forward_context(x_t.device, dtype, self.teacher_autocast):
             features = self.guide(self.teacher, torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]),
                                   self.guiding_layer, class_labels=class_labels, **conditioning)
         if not torch.compiler.is_compiling():  # a counter torch.compile would guard on (a recompile per step)
