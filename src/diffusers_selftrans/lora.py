@@ -19,8 +19,8 @@
 Transformers whose class has diffusers' `PeftAdapterMixin` (SD3, Flux, Sana, ...) go through its `add_adapter`,
 `set_adapter`, `disable_adapters` / `enable_adapters` and `load_lora_adapter`; PixArt and DiT, which lack it, through
 peft's `inject_adapter_in_model` / `set_peft_model_state_dict` and its tuner layers' own `set_adapter` /
-`enable_adapters` (what the mixin calls). Their pipelines have no `load_lora_weights`: load their LoRA with
-`pipe.transformer` and peft, or with `load_lora` here.
+`enable_adapters` (what the mixin calls). Neither their transformers nor their pipelines can load a LoRA in diffusers
+(no `load_lora_adapter` / `load_lora_weights`): `load_lora(pipe.transformer, output_dir)` here does.
 """
 
 import contextlib
@@ -245,8 +245,8 @@ def save_lora(output_dir, pipeline_cls, transformer: nn.Module, adapter_name: st
     diffusers' LoRA format: `pipeline_cls.save_lora_weights` (keys `transformer.<module>.lora_A.weight`, the
     LoraConfig in the safetensors metadata), what `pipeline_cls.from_pretrained(base).load_lora_weights(output_dir)`
     loads. For a pipeline class without it (PixArt, DiT, or `None`) the same file is written with diffusers'
-    `LoraBaseMixin.write_lora_layers` (load it with `pipe.transformer.load_lora_adapter(output_dir, prefix=
-    "transformer")`). Beside it `selftrans_lora.json` records the family, the layout and `base_digest`, which
+    `LoraBaseMixin.write_lora_layers` (what `load_lora_adapter(output_dir, prefix="transformer")` of a transformer
+    with diffusers' PeftAdapterMixin reads; PixArt and DiT have none: use `load_lora`). Beside it `selftrans_lora.json` records the family, the layout and `base_digest`, which
     `load_lora` checks. Every process must call it under FSDP (the digest gathers); only the main one writes."""
     from diffusers.loaders.lora_base import LoraBaseMixin
     from peft.utils import get_peft_model_state_dict
