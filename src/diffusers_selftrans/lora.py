@@ -247,7 +247,8 @@ def save_lora(output_dir, pipeline_cls, transformer: nn.Module, adapter_name: st
     loads. For a pipeline class without it (PixArt, DiT, or `None`) the same file is written with diffusers'
     `LoraBaseMixin.write_lora_layers` (what `load_lora_adapter(output_dir, prefix="transformer")` of a transformer
     with diffusers' PeftAdapterMixin reads; PixArt and DiT have none: use `load_lora`). Beside it
-    `selftrans_lora.json` records the family, the layout and `base_digest`, which `load_lora` checks. Every process must call it under FSDP (the digest gathers); only the main one writes."""
+    `selftrans_lora.json` records the family, the layout and `base_digest`, which `load_lora` checks. Every process
+    must call it under FSDP (the digest gathers); only the main one writes."""
     from diffusers.loaders.lora_base import LoraBaseMixin
     from peft.utils import get_peft_model_state_dict
 
