@@ -41,9 +41,9 @@ setup(
         # setuptools since 70.1, so the separate `wheel` package is not needed)
         # peft: tests/test_lora.py (the LoRA adapters of diffusers_selftrans.lora)
         "test": ["pytest>=7", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.14", "setuptools>=70.1",
-                 "scipy>=1.11", "peft>=0.17"],
+                 "scipy>=1.11", "peft>=0.18"],
         # LoRA in both stages (diffusers_selftrans.lora): adapters through peft, saved in diffusers' LoRA format
-        "lora": ["peft>=0.17"],
+        "lora": ["peft>=0.18"],
         # Inception FID / IS / precision-recall; pulls torchvision (pick a torch/torchvision pair that match)
         "metrics": ["torch-fidelity>=0.3"],
     },
