@@ -42,6 +42,7 @@ checkpoint; model and optimizer go through accelerate's FSDP `save_state`), and 
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -129,7 +130,9 @@ def parse_args(input_args=None):
                         "(dropped, default: the released code drops captions in the dataset, for both) or the "
                         "original caption even where the student's was dropped (original).")
     g.add_argument("--precompute_text_embeddings", action="store_true",
-                   help="Encode each caption once and keep its embeddings on disk (OUTPUT_DIR/text_embeddings/).")
+                   help="Before training, encode every caption of the data (and the validation prompts) once, shared "
+                        "across processes, into OUTPUT_DIR/text_embeddings/ (never uploaded), then free the text "
+                        "encoders: the run holds only the transformer, its teacher and the VAE.")
     g = parser.add_argument_group("self-transcendence")
     g.add_argument("--align_layer", type=int, default=None, help="Stage 1 block (default n/6: 4 of 24).")
     g.add_argument("--stage1_head", type=str, default="modulated", choices=["modulated", "plain"],
@@ -227,6 +230,10 @@ class TextEmbeddings:
 
         paths = [self.cache_dir / (hashlib.sha1(c.encode("utf-8")).hexdigest() + ".safetensors") for c in captions]
         missing = sorted({c for c, p in zip(captions, paths) if not p.is_file()})
+        if missing and self.text_pipe is None:
+            raise ValueError(f"{len(missing)} caption(s) are not in {self.cache_dir}, whose text encoders were freed "
+                             f"after encoding every caption of the data (e.g. {missing[0]!r}): is the output folder on "
+                             f"a file system every process shares?")
         if missing:
             fresh = encode_captions(self.family, self.text_pipe, missing, self.device, self.max_sequence_length)
             for i, caption in enumerate(missing):
@@ -244,6 +251,55 @@ class TextEmbeddings:
                 raise ProvenanceError(f"Refusing to reuse {path}: it holds the embeddings of {stored!r}, not of "
                                       f"{caption!r}. Delete it to encode the caption again.")
         return {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
+
+
+def precompute_text_embeddings(accelerator, embed: TextEmbeddings, captions, batch_size: int) -> None:
+    """Encode every caption into `embed`'s cache before training: each process its share (`captions` is this
+    process's part), in batches, then all wait until every file is written."""
+    from tqdm.auto import tqdm
+
+    batch = []
+    with tqdm(desc="encoding captions", unit="caption", disable=not accelerator.is_local_main_process) as bar:
+        for caption in captions:
+            batch.append(caption)
+            if len(batch) == batch_size:
+                embed(batch)
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            embed(batch)
+            bar.update(len(batch))
+    accelerator.wait_for_everyone()
+
+
+def free_text_encoders(text_pipe) -> None:
+    """Drop the pipeline's text encoders (after the cache holds every caption): their memory goes back."""
+    import gc
+
+    for name in [n for n in text_pipe.components if n.startswith("text_encoder")]:
+        setattr(text_pipe, name, None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def prompt_embedding_kwargs(family: str, cond: dict, null: dict) -> dict:
+    """The family pipeline's `prompt_embeds`-style arguments for conditioning `cond` (empty prompt: `null`), so a
+    pipeline without text encoders can sample."""
+    n = cond["encoder_hidden_states"].shape[0]
+    cond = {k: v.float() for k, v in cond.items()}  # the preview transformer is fp32
+    neg = {k: v.float().expand(n, *v.shape[1:]) for k, v in null.items()}
+    if family == "sd3":
+        return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
+                "negative_prompt_embeds": neg["encoder_hidden_states"],
+                "negative_pooled_prompt_embeds": neg["pooled_projections"]}
+    if family in ("pixart", "sana"):
+        return {"prompt_embeds": cond["encoder_hidden_states"], "prompt_attention_mask": cond["encoder_attention_mask"],
+                "negative_prompt_embeds": neg["encoder_hidden_states"],
+                "negative_prompt_attention_mask": neg["encoder_attention_mask"]}
+    if family == "flux":
+        return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"]}
+    raise ValueError(f"Unknown family {family!r}.")
 
 
 def drop_captions(cond: dict, null: dict, drop: torch.Tensor) -> dict:
@@ -355,8 +411,9 @@ def final_pipeline(args, pipeline_cls, family, transformer):
 
 
 @torch.no_grad()
-def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema, step: int):
-    """EMA weights, eval mode, a private generator: the validation prompts through the matching pipeline."""
+def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema, step: int, embed=None, null=None):
+    """EMA weights, eval mode, a private generator: the validation prompts through the matching pipeline (with
+    `embed` and `null`: their cached embeddings, for a pipeline whose text encoders were freed)."""
     if not accelerator.is_main_process:
         return None
     from diffusers.utils import make_image_grid
@@ -375,6 +432,9 @@ def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema,
         kwargs.update(use_resolution_binning=False, clean_caption=False)
     if family == "sana":
         kwargs["complex_human_instruction"] = None
+    if embed is not None:  # the text encoders were freed: the prompts' cached embeddings
+        kwargs.update(prompt_embedding_kwargs(family, embed(prompts), null))
+        prompts = None
     images = pipe(prompt=prompts, height=args.resolution, width=args.resolution,
                   num_inference_steps=args.validation_num_inference_steps,
                   guidance_scale=args.validation_guidance_scale,
@@ -447,6 +507,15 @@ def main(args=None):
     # an exact, per-process resumable position (the SiT scripts' `TrainDataStream`)
     stream = TrainDataStream(DataConfig.from_namespace(args), per_device, process_index=accelerator.process_index,
                              num_processes=accelerator.num_processes, seed=args.seed)
+    preview_embed = None
+    if args.precompute_text_embeddings:  # every caption encoded once, shared across processes; then no encoders
+        captions = stream.source.all_captions(accelerator.process_index, accelerator.num_processes)
+        if accelerator.is_main_process:
+            captions = itertools.chain(captions, args.validation_prompts or DEFAULT_VALIDATION_PROMPTS)
+        precompute_text_embeddings(accelerator, embed, captions, batch_size=max(per_device, 8))
+        free_text_encoders(text_pipe)
+        embed.text_pipe = None
+        preview_embed = embed
 
     # 4.4 The student, the alignment method of the stage, EMA, optimizer, warm-up
     model = load_student(args, transformer_cls)
@@ -587,7 +656,8 @@ def main(args=None):
             log.close()
             R.exit_preempted(preemption, global_step, checkpoint, lock)
         if global_step % args.validation_steps == 0:
-            save_preview(args, accelerator, pipeline_cls, family, text_pipe, core, full_ema(ema), global_step)
+            save_preview(args, accelerator, pipeline_cls, family, text_pipe, core, full_ema(ema), global_step,
+                         preview_embed, null)
     log.close()
     preemption.restore()
 
@@ -598,7 +668,8 @@ def main(args=None):
         final = transformer_cls.from_config(core.config)
         export_ema.copy_to(final.parameters())
         final_pipeline(args, pipeline_cls, family, final.eval()).save_pretrained(output_dir)
-        grid = save_preview(args, accelerator, pipeline_cls, family, text_pipe, core, export_ema, global_step)
+        grid = save_preview(args, accelerator, pipeline_cls, family, text_pipe, core, export_ema, global_step,
+                            preview_embed, null)
         if grid is not None:
             os.replace(grid, output_dir / "samples.png")
         hparams = {k: v for k, v in vars(args).items() if "--" + k not in C.SECRET_FLAGS and k != "launch_command"}

@@ -185,9 +185,49 @@ def test_exact_resume_matches_a_straight_run_with_cached_text_embeddings(assets,
     for sub in ("transformer", "transformer_ema", "projector"):
         assert_same_weights(out / "checkpoint-4" / sub, stage2["sd3"] / "checkpoint-4" / sub)
     assert_same_weights(out / "transformer", stage2["sd3"] / "transformer")
-    # one file per distinct caption seen (4 steps x 2 images of the 8 examples, each with its own caption)
+    # one file per distinct caption of the data and per validation prompt, all encoded before the first step
     cached = list((out / t2i.TEXT_EMBEDDINGS_FOLDER).glob("*.safetensors"))
-    assert 2 <= len(cached) <= NUM_IMAGES
+    assert len(cached) == len(distinct_captions(assets) | set(t2i.DEFAULT_VALIDATION_PROMPTS))
+
+
+def distinct_captions(assets):
+    return {json.loads(line)["text"] for line in (assets / "data" / "metadata.jsonl").read_text().splitlines()}
+
+
+def test_precomputed_text_embeddings_are_encoded_before_training_then_the_encoders_are_freed(assets, tmp_path,
+                                                                                             monkeypatch):
+    """--precompute_text_embeddings: every caption of the data and every validation prompt is encoded before the first
+    step, the text encoders are dropped, and the previews sample from the cached embeddings."""
+    from diffusers_selftrans import training as T
+
+    started, encoded_after_start, pipes = [], [], []
+    encode, step, free = t2i.encode_captions, T.StepLog.step, t2i.free_text_encoders
+
+    def recording_encode(*args, **kwargs):
+        if started:
+            encoded_after_start.append(args[2])
+        return encode(*args, **kwargs)
+
+    def recording_step(self, *args, **kwargs):
+        started.append(True)
+        return step(self, *args, **kwargs)
+
+    def recording_free(text_pipe):
+        pipes.append(text_pipe)
+        return free(text_pipe)
+
+    monkeypatch.setattr(t2i, "encode_captions", recording_encode)
+    monkeypatch.setattr(T.StepLog, "step", recording_step)
+    monkeypatch.setattr(t2i, "free_text_encoders", recording_free)
+    out = tmp_path / "stage1"
+    t2i.main(flags(assets, "sd3", out, stage=1, max_train_steps=3, validation_steps=2, precompute_text_embeddings=True))
+    assert started and encoded_after_start == []
+    cached = list((out / t2i.TEXT_EMBEDDINGS_FOLDER).glob("*.safetensors"))
+    assert len(cached) == len(distinct_captions(assets) | set(t2i.DEFAULT_VALIDATION_PROMPTS))
+    (text_pipe,) = pipes
+    encoders = [name for name in text_pipe.components if name.startswith("text_encoder")]
+    assert len(encoders) == 3 and all(getattr(text_pipe, name) is None for name in encoders)  # SD3: CLIP x2 + T5
+    assert (out / "samples" / "step-0000002.png").is_file() and (out / "samples.png").is_file()
 
 
 def test_caption_dropout_swaps_in_the_empty_prompt():

@@ -266,6 +266,22 @@ class ImageSource:
         yield from dataset
 
 
+    def all_captions(self, process_index: int = 0, num_processes: int = 1) -> Iterator[str]:
+        """Every caption of the data, without decoding an image: record i's (all of its captions) goes to process
+        i % num_processes, so the processes share one pass (e.g. to encode every caption once before training).
+        Bad captions raise `CaptionError` naming the record."""
+        if self.caption_column is None:
+            raise ValueError("all_captions needs caption data (a caption_column).")
+        if not self.streaming:
+            column = self.dataset.with_format("arrow")[self.caption_column].to_pylist()
+            records = ((i, value) for i, value in enumerate(column) if i % num_processes == process_index)
+        else:
+            stream = self.dataset.select_columns([self.caption_column])
+            records = ((i, row[self.caption_column]) for i, row in enumerate(stream) if i % num_processes == process_index)
+        for index, value in records:
+            yield from _checked_captions(value, f"record {index}")
+
+
 def _without_stray_images(load_kwargs: Dict[str, Any], split: str, cache_dir: Optional[str]):
     """imagefolder: leave out the images that sit at another depth than the class folders' images.
 
