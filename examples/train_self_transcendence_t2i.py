@@ -149,6 +149,11 @@ def parse_args(input_args=None):
                    help="Only apply the alignment loss for t in this range (released T2I setting: every t).")
     g.add_argument("--projector_dim", type=int, default=None, help="Alignment MLP width (default 2048).")
     cli.add_guiding_autocast_arg(g)
+    g.add_argument("--guiding_weights_dtype", type=str, default="auto", choices=["auto", "fp32"],
+                   help="Stage 2: the frozen teacher's weights in the run's --mixed_precision dtype (auto, default: "
+                        "half the memory of fp32, e.g. 5 GB instead of 10 for a 2.5B SD3.5-medium teacher; at w = 5 "
+                        "bf16 weights move the guide target by at most 0.044 relative, "
+                        "benchmarks/results/teacher_precision) or in fp32.")
     cli.add_training_args(parser)
     g = parser.add_argument_group("text-to-image training")
     g.add_argument("--lr_warmup_steps", type=int, default=T2I_WARMUP_STEPS, help="Linear warm-up, then constant.")
@@ -362,7 +367,7 @@ def load_student(args, transformer_cls):
                                            revision=args.revision)
 
 
-def alignment_for_stage(args, model, family, null, device, teacher_autocast=None):
+def alignment_for_stage(args, model, family, null, device, teacher_autocast=None, teacher_dtype=None):
     """Stage 1: `vae_align`; stage 2: `self_transcendence` with the stage-1 EMA transformer as the frozen teacher.
     Released T2I defaults (`default_t2i_options`), each overridable by its flag."""
     if args.stage == 1 and args.align_loss_weight == 0:  # the vanilla baseline: flow matching only, no head
@@ -390,7 +395,8 @@ def alignment_for_stage(args, model, family, null, device, teacher_autocast=None
     if family == "flux" and teacher.config.get("guidance_embeds") != model.config.get("guidance_embeds"):
         raise ValueError("The Flux guiding model and the student differ in guidance_embeds.")
     return build_alignment(method, model, teacher=teacher.to(device), null_conditioning=null,
-                           teacher_autocast=teacher_autocast, **options)
+                           teacher_autocast=teacher_autocast,
+                           teacher_dtype=None if teacher_dtype in (None, torch.float32) else teacher_dtype, **options)
 
 
 def flow_scheduler_for_pixart():
@@ -530,7 +536,8 @@ def main(args=None):
     feats = BlockFeatures(model)  # hooks registered before any torch.compile
     method = alignment_for_stage(args, model, family, null, accelerator.device,
                                  teacher_autocast=T.teacher_autocast_dtype(args.guiding_autocast,
-                                                                           accelerator.mixed_precision))
+                                                                           accelerator.mixed_precision),
+                                 teacher_dtype=weight_dtype if args.guiding_weights_dtype == "auto" else None)
     heads = method.trainable_modules()
     if not fsdp:  # under FSDP the EMA is built on the sharded parameters, after `prepare`
         ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,

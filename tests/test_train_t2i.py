@@ -166,6 +166,11 @@ def test_teacher_is_the_stage1_output_transformer(assets, stage1):
     teacher = method.teacher.state_dict()
     assert all(torch.equal(teacher[k], ema[k]) for k in ema)
     assert (method.guided_layer, method.guiding_layer, method.guidance_scale) == (2, 2, 5.0)  # n/2, 2n/3 of 3; w=5
+    # in a bf16 run the teacher's weights are bf16 (--guiding_weights_dtype auto), the same numbers rounded
+    assert args.guiding_weights_dtype == "auto"
+    half = t2i.alignment_for_stage(args, student, "sd3", null, "cpu", teacher_dtype=torch.bfloat16).teacher
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(p, ema[k].to(torch.bfloat16)) for k, p in half.state_dict().items())
 
 
 def test_exact_resume_matches_a_straight_run_with_cached_text_embeddings(assets, stage1, stage2, tmp_path):
