@@ -38,9 +38,17 @@ FSDP (models that do not fit one GPU): an accelerate config with `distributed_ty
 transformer and the alignment heads are sharded as one module (`TrainableModules`), the frozen stage-2 teacher stays
 whole on every process, each process keeps the EMA of its own shards (`ShardedEMAState`, saved per process in each
 checkpoint; model and optimizer go through accelerate's FSDP `save_state`), and the export gathers the full EMA.
+
+LoRA (`--lora_rank`, both stages, on the pretrained transformer; `diffusers_selftrans.lora`): only an adapter on the
+blocks' attention and feed-forward projections trains (with the alignment head); checkpoints hold the adapter and its
+EMA, and `--output_dir` ends as the EMA adapter in diffusers' LoRA format (`pipe.load_lora_weights(output_dir)` on the
+base pipeline) beside `projector/`. In stage 2 the teacher shares the student's base: the stage-1 LoRA output
+(`--guiding_model_name_or_path`) as a second, frozen adapter (`--lora_teacher adapter`), or the pretrained base itself
+with the adapters off (`--lora_teacher base`, no stage 1).
 """
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -58,6 +66,7 @@ from diffusers.training_utils import EMAModel
 
 from diffusers_selftrans import checkpointing as C
 from diffusers_selftrans import cli, hub
+from diffusers_selftrans import lora as L
 from diffusers_selftrans import runs as R
 from diffusers_selftrans import training as T
 from diffusers_selftrans.alignment import build_alignment, default_t2i_options
@@ -154,6 +163,18 @@ def parse_args(input_args=None):
                         "half the memory of fp32, e.g. 5 GB instead of 10 for a 2.5B SD3.5-medium teacher; at w = 5 "
                         "bf16 weights move the guide target by at most 0.044 relative, "
                         "benchmarks/results/teacher_precision) or in fp32.")
+    g = parser.add_argument_group("LoRA (both stages; unset --lora_rank: full weights)")
+    g.add_argument("--lora_rank", type=int, default=None,
+                   help="Train a LoRA adapter of this rank on the pretrained transformer instead of its weights.")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank).")
+    g.add_argument("--lora_target_modules", type=str, nargs="+", default=None,
+                   help="Adapted modules, as paths inside a block (e.g. attn.to_q ff.net.2); default: the family's "
+                        "attention and feed-forward projections (diffusers_selftrans.lora.DEFAULT_TARGET_MODULES).")
+    g.add_argument("--use_dora", action="store_true", help="DoRA (weight-decomposed LoRA) adapters.")
+    g.add_argument("--lora_teacher", type=str, default=None, choices=["adapter", "base"],
+                   help="Stage 2 teacher, on the student's own base: adapter (default) = the stage-1 LoRA output "
+                        "(--guiding_model_name_or_path) as a second, frozen adapter; base = the pretrained base "
+                        "itself, adapters off for the teacher pass (no stage 1).")
     cli.add_training_args(parser)
     g = parser.add_argument_group("text-to-image training")
     g.add_argument("--lr_warmup_steps", type=int, default=T2I_WARMUP_STEPS, help="Linear warm-up, then constant.")
@@ -163,7 +184,21 @@ def parse_args(input_args=None):
     args = cli.parse_args_with_config(parser, input_args)
     if args.pretrained_model_name_or_path is None:
         parser.error("--pretrained_model_name_or_path is required (the pipeline that provides VAE and text encoders).")
-    if args.stage == 2 and args.guiding_model_name_or_path is None:
+    if args.lora_rank is not None:
+        if args.transformer_config:
+            parser.error("--lora_rank adapts a pretrained transformer; it cannot train one from --transformer_config.")
+        if args.stage == 1 and args.lora_teacher:
+            parser.error("--lora_teacher chooses the stage-2 teacher; stage 1 has none.")
+        if args.stage == 2:
+            args.lora_teacher = args.lora_teacher or "adapter"
+        if args.lora_teacher == "base" and args.guiding_model_name_or_path is not None:
+            parser.error("--lora_teacher base guides with the pretrained base: drop --guiding_model_name_or_path.")
+        if args.stage == 2 and args.torch_compile:
+            parser.error("--torch_compile is not supported with a LoRA teacher: its pass switches the adapters of the "
+                         "student's own module, which a compiled step cannot follow. Drop --torch_compile.")
+    elif args.lora_teacher or args.lora_alpha is not None or args.lora_target_modules or args.use_dora:
+        parser.error("--lora_teacher, --lora_alpha, --lora_target_modules and --use_dora need --lora_rank.")
+    if args.stage == 2 and args.guiding_model_name_or_path is None and args.lora_teacher != "base":
         parser.error("--stage 2 needs --guiding_model_name_or_path (the stage-1 output).")
     if args.stage == 1 and args.guiding_model_name_or_path is not None:
         parser.error("--stage 1 trains the guiding model; it takes no --guiding_model_name_or_path.")
@@ -182,8 +217,10 @@ def parse_args(input_args=None):
 # 2. Text: the pipeline's own `encode_prompt`, frozen; the conditioning keywords of each family
 
 
-def encode_captions(family: str, text_pipe, captions, device, max_sequence_length: int) -> dict:
-    """Captions -> the transformer's conditioning keywords, batched, computed by the pipeline's `encode_prompt`."""
+def encode_captions(family: str, text_pipe, captions, device, max_sequence_length: int, negative=False) -> dict:
+    """Captions -> the transformer's conditioning keywords, batched, computed by the pipeline's `encode_prompt` as its
+    `__call__` does for a prompt (`negative`: for the negative prompt; Sana prefixes only prompts with its complex
+    human instruction)."""
     captions = list(captions)
     with torch.no_grad():
         if family == "sd3":
@@ -192,15 +229,25 @@ def encode_captions(family: str, text_pipe, captions, device, max_sequence_lengt
                 do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
             return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
         if family in ("pixart", "sana"):
+            extra = {} if family == "pixart" else {
+                "complex_human_instruction": None if negative else sana_instruction(type(text_pipe))}
             embeds, mask, _, _ = text_pipe.encode_prompt(
                 captions, do_classifier_free_guidance=False, device=device, clean_caption=False,
-                max_sequence_length=max_sequence_length)
+                max_sequence_length=max_sequence_length, **extra)
             return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
         if family == "flux":
             embeds, pooled, _ = text_pipe.encode_prompt(prompt=captions, prompt_2=captions, device=device,
                                                         max_sequence_length=max_sequence_length)
             return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
     raise ValueError(f"Unknown family {family!r}.")
+
+
+def sana_instruction(pipeline_cls) -> list:
+    """The complex human instruction SanaPipeline's `__call__` prefixes to every prompt by default (its
+    `complex_human_instruction` default; Sana's released training prefixes the captions with it too)."""
+    import inspect
+
+    return list(inspect.signature(pipeline_cls.__call__).parameters["complex_human_instruction"].default or [])
 
 
 def text_encoders_identity(family: str, text_pipe, max_sequence_length: int) -> dict:
@@ -298,12 +345,14 @@ def prompt_embedding_kwargs(family: str, cond: dict, null: dict) -> dict:
         return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
                 "negative_prompt_embeds": neg["encoder_hidden_states"],
                 "negative_pooled_prompt_embeds": neg["pooled_projections"]}
-    if family in ("pixart", "sana"):
+    if family in ("pixart", "sana"):  # their `negative_prompt` defaults to "", which refuses negative embeddings
         return {"prompt_embeds": cond["encoder_hidden_states"], "prompt_attention_mask": cond["encoder_attention_mask"],
-                "negative_prompt_embeds": neg["encoder_hidden_states"],
+                "negative_prompt": None, "negative_prompt_embeds": neg["encoder_hidden_states"],
                 "negative_prompt_attention_mask": neg["encoder_attention_mask"]}
-    if family == "flux":
-        return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"]}
+    if family == "flux":  # the negative embeddings for true CFG (`true_cfg_scale`)
+        return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
+                "negative_prompt": None, "negative_prompt_embeds": neg["encoder_hidden_states"],
+                "negative_pooled_prompt_embeds": neg["pooled_projections"]}
     raise ValueError(f"Unknown family {family!r}.")
 
 
@@ -363,13 +412,18 @@ def load_student(args, transformer_cls):
         config = json.loads(Path(args.transformer_config).read_text())
         config = {k: v for k, v in config.items() if not k.startswith("_")}
         return transformer_cls.from_config(config)
-    return transformer_cls.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
-                                           revision=args.revision)
+    model = transformer_cls.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
+                                            revision=args.revision)
+    if args.lora_rank:  # only the adapter requires grad from here on; the base weights stay as loaded
+        L.add_lora(model, args.lora_rank, alpha=args.lora_alpha, target_modules=args.lora_target_modules,
+                   use_dora=args.use_dora)
+    return model
 
 
 def alignment_for_stage(args, model, family, null, device, teacher_autocast=None, teacher_dtype=None):
-    """Stage 1: `vae_align`; stage 2: `self_transcendence` with the stage-1 EMA transformer as the frozen teacher.
-    Released T2I defaults (`default_t2i_options`), each overridable by its flag."""
+    """Stage 1: `vae_align`; stage 2: `self_transcendence` with the stage-1 EMA transformer as the frozen teacher
+    (LoRA: the stage-1 adapter, or the base, on the student's own module). Released T2I defaults
+    (`default_t2i_options`), each overridable by its flag."""
     if args.stage == 1 and args.align_loss_weight == 0:  # the vanilla baseline: flow matching only, no head
         return build_alignment("none", model)
     n = sum(len(getattr(model, name, [])) for name in ("transformer_blocks", "single_transformer_blocks"))
@@ -385,6 +439,15 @@ def alignment_for_stage(args, model, family, null, device, teacher_autocast=None
     if args.stage == 1:
         options["modulated_head"] = args.stage1_head == "modulated"
         return build_alignment(method, model, **options)
+    if args.lora_rank:  # no second model: the teacher pass switches the student's module to the guide's adapter
+        if args.lora_teacher == "adapter":  # refuses an adapter of another family, layout or base
+            L.load_lora(model, args.guiding_model_name_or_path, "guide")
+        teacher = L.AdapterTeacher(model, "guide" if args.lora_teacher == "adapter" else None)
+        return build_alignment(method, model, teacher=teacher, null_conditioning=null,
+                               teacher_autocast=teacher_autocast, **options)
+    if (Path(args.guiding_model_name_or_path) / L.LORA_RECORD_NAME).is_file():
+        raise ValueError(f"{args.guiding_model_name_or_path} holds a stage-1 LoRA adapter: train stage 2 with "
+                         f"--lora_rank (that adapter then guides on the same base).")
     guide_config = type(model).load_config(args.guiding_model_name_or_path, subfolder=args.guiding_model_subfolder)
     check_provenance(f"the guiding model {args.guiding_model_name_or_path}",
                      {"transformer_class": guide_config.get("_class_name")},
@@ -425,26 +488,31 @@ def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema,
     from diffusers.utils import make_image_grid
 
     trained = T.unwrap(accelerator, model)
-    preview = type(trained).from_config(trained.config).to(accelerator.device)
-    ema.copy_to(preview.parameters())
-    components = dict(text_pipe.components, transformer=preview.eval())
+    if hasattr(trained, "peft_config"):  # LoRA: the training module itself, its adapter's EMA weights swapped in
+        preview, weights = trained, L.ema_weights(trained, ema, "student")  # (and eval mode) while sampling below
+    else:
+        preview, weights = type(trained).from_config(trained.config).to(accelerator.device), contextlib.nullcontext()
+        ema.copy_to(preview.parameters())
+        preview.eval()
+    components = dict(text_pipe.components, transformer=preview)
     if family == "pixart":
         components["scheduler"] = flow_scheduler_for_pixart()
     pipe = pipeline_cls(**components)
     pipe.set_progress_bar_config(disable=True)
     prompts = list(args.validation_prompts or DEFAULT_VALIDATION_PROMPTS)
-    kwargs = {"max_sequence_length": args.max_sequence_length}
-    if family in ("pixart", "sana"):  # the training captions were neither cleaned nor binned nor instruction-prefixed
-        kwargs.update(use_resolution_binning=False, clean_caption=False)
-    if family == "sana":
-        kwargs["complex_human_instruction"] = None
+    kwargs = {"max_sequence_length": args.max_sequence_length, "guidance_scale": args.validation_guidance_scale}
+    if family in ("pixart", "sana"):  # the training captions were neither cleaned nor binned (Sana: instruction-
+        kwargs.update(use_resolution_binning=False, clean_caption=False)  # prefixed, as its pipeline's default)
+    if family == "flux":  # FluxPipeline: `guidance_scale` is the embedded guidance (as trained), CFG `true_cfg_scale`
+        kwargs.update(guidance_scale=args.flux_guidance_scale, true_cfg_scale=args.validation_guidance_scale,
+                      negative_prompt=[""] * len(prompts))
     if embed is not None:  # the text encoders were freed: the prompts' cached embeddings
         kwargs.update(prompt_embedding_kwargs(family, embed(prompts), null))
         prompts = None
-    images = pipe(prompt=prompts, height=args.resolution, width=args.resolution,
-                  num_inference_steps=args.validation_num_inference_steps,
-                  guidance_scale=args.validation_guidance_scale,
-                  generator=torch.Generator("cpu").manual_seed(args.seed), **kwargs).images
+    with weights:
+        images = pipe(prompt=prompts, height=args.resolution, width=args.resolution,
+                      num_inference_steps=args.validation_num_inference_steps,
+                      generator=torch.Generator("cpu").manual_seed(args.seed), **kwargs).images
     grid = make_image_grid(images, rows=1, cols=len(images))
     path = Path(args.output_dir) / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -476,6 +544,9 @@ def main(args=None):
                                   "accelerate config (or `accelerate launch --use_fsdp --fsdp_version 2`).")
     if fsdp and args.torch_compile:
         raise NotImplementedError("--torch_compile is not supported under FSDP here; drop it or use DDP.")
+    if fsdp and args.lora_rank:
+        raise NotImplementedError("--lora_rank is not supported under FSDP here (the sharded EMA and checkpoints are "
+                                  "the full weights'); train the adapter with DDP: one frozen base per GPU.")
     T.set_tf32(args.allow_tf32)
     # the output folder: locked for this run; a run that does not resume needs it empty (runs.py)
     args.run_id, lock, resume = R.claim_output_dir(
@@ -507,7 +578,7 @@ def main(args=None):
                            output_dir / TEXT_EMBEDDINGS_FOLDER if args.precompute_text_embeddings else None,
                            identity=text_identity)
     null = {k: v.float() for k, v in encode_captions(family, text_pipe, [""], accelerator.device,
-                                                     args.max_sequence_length).items()}
+                                                     args.max_sequence_length, negative=True).items()}
 
     # 4.3 Data: images and captions, sharded by the stream itself (one sharding layer: not passed to `prepare`), with
     # an exact, per-process resumable position (the SiT scripts' `TrainDataStream`)
@@ -539,10 +610,12 @@ def main(args=None):
                                                                            accelerator.mixed_precision),
                                  teacher_dtype=weight_dtype if args.guiding_weights_dtype == "auto" else None)
     heads = method.trainable_modules()
-    if not fsdp:  # under FSDP the EMA is built on the sharded parameters, after `prepare`
+    if args.lora_rank:  # the EMA of the adapter alone
+        ema = L.adapter_ema(model, "student", decay=args.ema_decay, min_decay=args.ema_decay, foreach=True)
+    elif not fsdp:  # under FSDP the EMA is built on the sharded parameters, after `prepare`
         ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,
                        model_cls=transformer_cls, model_config=model.config)
-    params = list(model.parameters()) + [p for h in heads for p in h.parameters() if p.requires_grad]
+    params = [p for m in (model, *heads) for p in m.parameters() if p.requires_grad]  # LoRA: adapter and heads
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
                                   fused=args.fused_adamw and accelerator.device.type == "cuda" and not fsdp)
@@ -569,10 +642,14 @@ def main(args=None):
         sync_modules = (model, *heads)
     feats.model = model  # the prepared (DDP / FSDP) module runs the forward; the hooks sit on the inner blocks
     method.set_trainable_modules(heads)
+    lora_params = L.adapter_parameters(core, "student") if args.lora_rank else None  # what the adapter's EMA follows
     if not fsdp:  # FSDP's `prepare` placed the sharded heads and EMA; `.to` cannot swap DTensor parameters
         method.to(accelerator.device)
         ema.to(accelerator.device)
-        C.register_checkpoint_hooks(accelerator, ema, transformer_cls=transformer_cls)
+        if args.lora_rank:  # checkpoints: the adapter and its EMA, not the base
+            L.register_checkpoint_hooks(accelerator, ema, "student")
+        else:
+            C.register_checkpoint_hooks(accelerator, ema, transformer_cls=transformer_cls)
     transport = Transport(time_sampling=args.time_sampling)
     if accelerator.is_main_process:
         C.save_args(args, output_dir / "args.json")
@@ -584,7 +661,8 @@ def main(args=None):
     provenance = C.checkpoint_provenance(
         dataset_size=stream.num_examples, num_processes=accelerator.num_processes, global_batch_size=global_batch,
         vae_encoder=vae_encoder_identity(vae),
-        text_encoders=text_identity["text_encoders"])
+        text_encoders=text_identity["text_encoders"],
+        **({"lora_base": L.base_digest(core)} if args.lora_rank else {}))  # LoRA: the base the adapter is trained on
     args.resume_history = []
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
@@ -649,7 +727,7 @@ def main(args=None):
                 lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients go too
         if stepped:
-            ema.step(core.parameters())
+            ema.step(core.parameters() if lora_params is None else lora_params)
         log.train_seconds += time.perf_counter() - step_start  # every micro-step counts, EMA included
         if not stepped:
             continue
@@ -668,13 +746,19 @@ def main(args=None):
     log.close()
     preemption.restore()
 
-    # 4.7 The matching diffusers pipeline with the EMA transformer, a preview, the model card, the Hub
+    # 4.7 The matching diffusers pipeline with the EMA transformer (LoRA: the EMA adapter), a preview, the model
+    # card, the Hub
     accelerator.wait_for_everyone()
     export_ema = full_ema(ema)  # FSDP: every process takes part in gathering the shards
     if accelerator.is_main_process:
-        final = transformer_cls.from_config(core.config)
-        export_ema.copy_to(final.parameters())
-        final_pipeline(args, pipeline_cls, family, final.eval()).save_pretrained(output_dir)
+        if args.lora_rank:  # the EMA adapter, for `load_lora_weights` on the base pipeline, and its alignment head
+            L.save_lora(output_dir, pipeline_cls, core, "student", ema=export_ema)
+            for head in heads:
+                T.unwrap(accelerator, head).save_pretrained(output_dir / "projector")
+        else:
+            final = transformer_cls.from_config(core.config)
+            export_ema.copy_to(final.parameters())
+            final_pipeline(args, pipeline_cls, family, final.eval()).save_pretrained(output_dir)
         grid = save_preview(args, accelerator, pipeline_cls, family, text_pipe, core, export_ema, global_step,
                             preview_embed, null)
         if grid is not None:
@@ -684,13 +768,19 @@ def main(args=None):
             output_dir, template="t2i.md", hyperparameters=hparams, command=args.launch_command,
             repo_id=args.hub_model_id or output_dir.name, dataset=args.dataset_name,
             data_description="local files" if args.train_data_dir else None, sample_image="samples.png",
-            base_model=args.guiding_model_name_or_path if args.stage == 2 else args.pretrained_model_name_or_path,
+            base_model=args.guiding_model_name_or_path if args.stage == 2 and not args.lora_rank
+            else args.pretrained_model_name_or_path,
             metrics={"final_loss": log.last.get("loss"), "steps": global_step, "nonfinite_skipped": guard.skipped,
                      "data_skipped": log.last.get("data_skipped"),
                      **({"resume_history": json.dumps(args.resume_history)} if args.resume_history else {})},
             extra={"pipeline_class": pipeline_cls.__name__, "stage": args.stage,
-                   "pretrained_model": args.pretrained_model_name_or_path},
-            tags=["diffusers", "diffusers-selftrans", "self-transcendence", "text-to-image", family, "flow-matching"],
+                   "pretrained_model": args.pretrained_model_name_or_path,
+                   "guiding_model": args.guiding_model_name_or_path,
+                   "lora": args.lora_rank and {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
+                                               "dora": args.use_dora, "teacher": args.lora_teacher,
+                                               "diffusers_loader": hasattr(pipeline_cls, "load_lora_weights")}},
+            tags=["diffusers", "diffusers-selftrans", "self-transcendence", "text-to-image", family, "flow-matching"]
+            + (["lora"] if args.lora_rank else []),
             pipeline_tag="text-to-image",  # the license: the base pipeline's (its VAE and text encoders ship here)
             license_from=[args.pretrained_model_name_or_path, args.guiding_model_name_or_path])
         if args.push_to_hub:
@@ -773,9 +863,9 @@ def full_ema(ema: EMAModel):
 
 
 def encoder_shape(batch, vae):
-    """(N, C, h, w) of the latent grid of a pixel batch."""
+    """(N, C, h, w) of the latent grid of a pixel batch (any VAE: `AutoencoderKL`, Sana's `AutoencoderDC`)."""
     n, _, h, w = batch["pixel_values"].shape
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = T.vae_downsample_factor(vae)
     return n, vae.config.latent_channels, h // factor, w // factor
 
 

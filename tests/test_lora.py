@@ -399,3 +399,24 @@ def test_exact_resume_of_adapter_and_ema():
     with pytest.raises(ValueError, match=r"another rank.*lora_A.weight: \(2, 32\) saved vs \(3, 32\) here"):
         L.load_adapter_state_dict(other_rank, state)
     assert isinstance(ema, EMAModel)
+
+
+def test_ema_weights_swaps_the_ema_adapter_in_and_restores_weights_and_modes():
+    model = build("sd3", num_layers=3)
+    L.add_lora(model, 2)
+    model.train()
+    params = L.adapter_parameters(model, "student")
+    ema = L.adapter_ema(model, "student", decay=0.5)
+    randomize(model, "student", 0)
+    ema.step(params)  # shadow = 0.5 (start) + 0.5 (randomized)
+    trained = [p.detach().clone() for p in params]
+    with L.ema_weights(model, ema) as module:
+        assert module is model and not model.training and not model.transformer_blocks[0].training
+        assert all(torch.equal(p, s) for p, s in zip(params, ema.shadow_params))
+        assert not all(torch.equal(p, q) for p, q in zip(params, trained))
+    assert model.training and model.transformer_blocks[0].training
+    assert all(torch.equal(p, q) for p, q in zip(params, trained))
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        with L.ema_weights(model, ema):
+            raise RuntimeError("sampling failed")
+    assert model.training and all(torch.equal(p, q) for p, q in zip(params, trained))

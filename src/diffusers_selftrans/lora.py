@@ -472,3 +472,80 @@ def load_adapter_state_dict(transformer: nn.Module, state_dict: Dict[str, torch.
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}, shapes {shapes[:3]}.")
     with _keep_requires_grad(module):
         set_peft_model_state_dict(module, state_dict, adapter_name)
+
+
+@contextlib.contextmanager
+def ema_weights(transformer: nn.Module, ema, adapter_name: str = "student"):
+    """The module with its adapter's EMA weights swapped in (`ema.store` / `copy_to`, then `restore`) and in eval
+    mode, for previews: on exit the trained weights and every submodule's train/eval mode are back."""
+    module = _unwrap(transformer)
+    params = adapter_parameters(module, adapter_name)
+    modes = [(m, m.training) for m in module.modules()]
+    ema.store(params)
+    ema.copy_to(params)
+    module.eval()
+    try:
+        yield module
+    finally:
+        ema.restore(params)
+        for m, mode in modes:
+            m.training = mode
+
+
+LORA_CHECKPOINT_NAME = "transformer_lora.safetensors"  # in each checkpoint: the adapter's trained weights
+LORA_EMA_CHECKPOINT_NAME = "transformer_lora_ema.pt"  # and its EMA (shadow weights and counters)
+
+
+def register_checkpoint_hooks(accelerator, ema, adapter_name: str = "student"):
+    """`checkpointing.register_checkpoint_hooks` for a LoRA run: accelerate's `save_state` writes the adapter alone
+    (`transformer_lora.safetensors`, `adapter_state_dict`) instead of the whole transformer, its EMA
+    (`transformer_lora_ema.pt`) and an `AlignmentProjector` as `projector/`; `load_state` restores them exactly
+    (`load_adapter_state_dict`; the EMA copied into its current tensors). The optimizer, scheduler and RNG states stay
+    with accelerate. The base weights are not saved: a resume loads them from the pretrained model again."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from .models import AlignmentProjector
+
+    def adapted(model) -> bool:
+        return adapter_name in (getattr(model, "peft_config", None) or {})
+
+    def save_hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        for i in reversed(range(len(models))):
+            model = _unwrap(accelerator.unwrap_model(models[i]))
+            if adapted(model):
+                save_file({k: v.contiguous() for k, v in adapter_state_dict(model, adapter_name).items()},
+                          os.path.join(output_dir, LORA_CHECKPOINT_NAME))
+                weights.pop(i)
+            elif isinstance(model, AlignmentProjector):
+                model.save_pretrained(os.path.join(output_dir, "projector"))
+                weights.pop(i)
+        state = dict(ema.state_dict(), shadow_params=[p.detach().cpu() for p in ema.shadow_params])
+        torch.save(state, os.path.join(output_dir, LORA_EMA_CHECKPOINT_NAME))
+
+    def load_hook(models, input_dir):
+        for i in reversed(range(len(models))):
+            model = _unwrap(accelerator.unwrap_model(models[i]))
+            if adapted(model):
+                load_adapter_state_dict(model, load_file(os.path.join(input_dir, LORA_CHECKPOINT_NAME)),
+                                        adapter_name)
+                models.pop(i)
+            elif isinstance(model, AlignmentProjector):
+                loaded = type(model).from_pretrained(os.path.join(input_dir, "projector"))
+                model.load_state_dict(loaded.state_dict())
+                models.pop(i)
+        path = os.path.join(input_dir, LORA_EMA_CHECKPOINT_NAME)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state.pop("shadow_params")
+        if [s.shape for s in saved] != [p.shape for p in ema.shadow_params]:
+            raise ValueError(f"{path} holds the EMA of another adapter (rank or target modules) than this run's.")
+        with torch.no_grad():
+            for s, p in zip(saved, ema.shadow_params):
+                p.copy_(s)
+        ema.load_state_dict(state)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
