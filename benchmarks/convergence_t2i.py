@@ -46,6 +46,15 @@ TINY_CLIP_WIDTH = 16
 TINY_CLIP_PROJECTION = 8
 TINY_T5_WIDTH = 32
 TINY_TEXT_LAYERS = 2
+# Sana's tiny text side (a random Gemma 2 and a character-level Gemma tokenizer) and its image size: SanaPipeline
+# samples only sides divisible by 32; a 3-stage `AutoencoderDC` (4x downsampling) gives 8 x 8 latents as the others'.
+TINY_GEMMA_WIDTH = 32
+# Gemma's token budget: SanaPipeline prefixes each prompt with its "complex human instruction" (~1,050 characters)
+TINY_GEMMA_LENGTH = 2048
+SANA_RESOLUTION = 32
+# Flux's VAE latent normalisation (FLUX.1's `AutoencoderKL` config): x0 = (z - shift) * scale.
+FLUX_VAE_SCALING_FACTOR = 0.3611
+FLUX_VAE_SHIFT_FACTOR = 0.1159
 # Characters of the tokenizers' vocabularies (lower-case captions, digits and basic punctuation).
 TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,'-"
 # Same short-run choices as benchmarks/convergence.py (its constants, for the same reasons).
@@ -73,7 +82,7 @@ def class_of_caption(caption: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# A tiny T2I pipeline folder, built offline (also used by tests/test_train_t2i.py)
+# A tiny T2I pipeline folder, built offline (also used by tests/test_train_t2i*.py and tests/test_readme_commands.py)
 
 
 def clip_tokenizer(max_length: int):
@@ -94,11 +103,35 @@ def t5_tokenizer(max_length: int):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-def clip_encoder(vocab_size: int, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def gemma_tokenizer(max_length: int):
+    """Character-level `GemmaTokenizer` (BPE without merges over single characters; a space is "\u2581"), adding
+    `<bos>` as Gemma's does."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
+    for c in TOKEN_CHARS:
+        vocab[c] = len(vocab)
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=max_length, add_bos_token=True)
+
+
+def gemma_encoder(vocab_size: int, seed: int):
+    from transformers import Gemma2Config, Gemma2Model
 
     torch.manual_seed(seed)
-    return CLIPTextModelWithProjection(CLIPTextConfig(
+    return Gemma2Model(Gemma2Config(
+        vocab_size=vocab_size, hidden_size=TINY_GEMMA_WIDTH, intermediate_size=2 * TINY_GEMMA_WIDTH,
+        num_hidden_layers=TINY_TEXT_LAYERS, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        max_position_embeddings=TINY_GEMMA_LENGTH, sliding_window=64, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2)).eval()
+
+
+def clip_encoder(vocab_size: int, seed: int, projection: bool = True):
+    """A random tiny CLIP text encoder: with its projection (SD3's pooled output) or without (Flux reads the
+    `pooler_output` of a `CLIPTextModel`)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=TINY_CLIP_WIDTH, intermediate_size=2 * TINY_CLIP_WIDTH,
         num_hidden_layers=TINY_TEXT_LAYERS, num_attention_heads=2, max_position_embeddings=TINY_CLIP_LENGTH,
         projection_dim=TINY_CLIP_PROJECTION, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
@@ -114,13 +147,31 @@ def t5_encoder(vocab_size: int, seed: int):
         decoder_start_token_id=0)).eval()
 
 
-def tiny_vae(latent_channels: int = 4, sample_size: int = 16):
+def tiny_vae(latent_channels: int = 4, sample_size: int = 16, **overrides):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels,
-                         norm_num_groups=8, sample_size=sample_size)
+                         norm_num_groups=8, sample_size=sample_size, **overrides)
+
+
+def tiny_flux_vae(latent_channels: int = 4, sample_size: int = 16):
+    """`tiny_vae` as FLUX.1's VAE is configured: scaling and shift factors, no quant convs."""
+    return tiny_vae(latent_channels, sample_size, scaling_factor=FLUX_VAE_SCALING_FACTOR,
+                    shift_factor=FLUX_VAE_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_dc_vae(latent_channels: int = 4):
+    """A random tiny `AutoencoderDC` (Sana's deep-compression VAE, deterministic): 3 ResBlock stages, 4x down."""
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(0)
+    return AutoencoderDC(latent_channels=latent_channels, attention_head_dim=8, encoder_block_types="ResBlock",
+                         decoder_block_types="ResBlock", encoder_block_out_channels=(8, 16, 16),
+                         decoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1),
+                         decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((), (), ()),
+                         decoder_qkv_multiscales=((), (), ()), scaling_factor=0.5)
 
 
 def tiny_transformer_config(family: str, latent_side: int, latent_channels: int = 4, num_layers: int = 3,
@@ -136,16 +187,31 @@ def tiny_transformer_config(family: str, latent_side: int, latent_channels: int 
                     num_attention_heads=heads, in_channels=latent_channels, out_channels=2 * latent_channels,
                     cross_attention_dim=head_dim * heads, caption_channels=TINY_T5_WIDTH,
                     use_additional_conditions=False)
-    raise ValueError(f"No tiny config for {family!r} (sd3, pixart).")
+    if family == "sana":
+        return dict(sample_size=latent_side, patch_size=1, in_channels=latent_channels, out_channels=latent_channels,
+                    num_layers=num_layers, attention_head_dim=head_dim, num_attention_heads=heads,
+                    num_cross_attention_heads=heads, cross_attention_head_dim=head_dim,
+                    cross_attention_dim=head_dim * heads, caption_channels=TINY_GEMMA_WIDTH, mlp_ratio=2.5)
+    if family == "flux":  # packed 2x2 latent tokens; 1 double-stream block, the rest single-stream
+        return dict(patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=num_layers - 1,
+                    attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=TINY_T5_WIDTH,
+                    pooled_projection_dim=TINY_CLIP_WIDTH, guidance_embeds=True,
+                    axes_dims_rope=(head_dim // 4, head_dim // 4, head_dim // 2))
+    raise ValueError(f"No tiny config for {family!r} (sd3, pixart, sana, flux).")
 
 
 def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_config=None, seed: int = 0) -> Path:
-    """Save a random tiny `StableDiffusion3Pipeline` ("sd3": CLIP-L, CLIP-G, T5) or `PixArtSigmaPipeline` ("pixart":
-    T5) with character-level tokenizers into `folder`, loadable offline by `<Pipeline>.from_pretrained(folder)`."""
+    """Save a random tiny `StableDiffusion3Pipeline` ("sd3": CLIP-L, CLIP-G, T5), `PixArtSigmaPipeline` ("pixart":
+    T5), `SanaPipeline` ("sana": Gemma 2, `AutoencoderDC`, flow DPM-Solver++; sample it at `SANA_RESOLUTION`) or
+    `FluxPipeline` ("flux": CLIP-L without projection, T5, guidance-embedded transformer) with character-level
+    tokenizers into `folder`, loadable offline by `<Pipeline>.from_pretrained(folder)`."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    vae = vae if vae is not None else tiny_vae()
+    if family == "sana":
+        return _write_tiny_sana_pipeline(folder, vae, transformer_config, seed)
+    if vae is None:
+        vae = tiny_flux_vae() if family == "flux" else tiny_vae()
     if family == "sd3" and vae.config.shift_factor is None:
         vae.register_to_config(shift_factor=0.0)  # StableDiffusion3Pipeline adds it when decoding; 0 changes nothing
     latent_side = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
@@ -165,8 +231,34 @@ def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_c
         pipe = diffusers.PixArtSigmaPipeline(
             transformer=diffusers.PixArtTransformer2DModel(**config), scheduler=scheduler, vae=vae,
             text_encoder=t5, tokenizer=t5_tok)
+    elif family == "flux":  # FLUX.1's scheduler: resolution-dependent shift (`mu` from the image token count)
+        tok = clip_tokenizer(TINY_CLIP_LENGTH)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        pipe = diffusers.FluxPipeline(
+            transformer=diffusers.FluxTransformer2DModel(**config), scheduler=scheduler, vae=vae,
+            text_encoder=clip_encoder(len(tok), seed + 1, projection=False), tokenizer=tok,
+            text_encoder_2=t5, tokenizer_2=t5_tok)
     else:
-        raise ValueError(f"No tiny pipeline for {family!r} (sd3, pixart).")
+        raise ValueError(f"No tiny pipeline for {family!r} (sd3, pixart, sana, flux).")
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+def _write_tiny_sana_pipeline(folder, vae=None, transformer_config=None, seed: int = 0) -> Path:
+    import diffusers
+    from diffusers import DPMSolverMultistepScheduler
+
+    vae = vae if vae is not None else tiny_dc_vae()
+    latent_side = SANA_RESOLUTION // vae.spatial_compression_ratio
+    config = transformer_config or tiny_transformer_config("sana", latent_side, vae.config.latent_channels)
+    tok = gemma_tokenizer(TINY_GEMMA_LENGTH)
+    gemma = gemma_encoder(len(tok), seed + 4)
+    # what Sana's pipelines ship: DPM-Solver++ sampling the velocity on flow sigmas, time shift 3
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    torch.manual_seed(seed)
+    pipe = diffusers.SanaPipeline(transformer=diffusers.SanaTransformer2DModel(**config), scheduler=scheduler,
+                                  vae=vae, text_encoder=gemma, tokenizer=tok)
     pipe.save_pretrained(folder)
     return Path(folder)
 

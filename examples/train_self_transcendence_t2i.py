@@ -25,9 +25,11 @@ One script, both stages (the released T2I setting, method-notes §3.4, `train_t2
 
 The pipeline named by `--pretrained_model_name_or_path` provides the VAE, the frozen text encoders and tokenizers
 (and the transformer when fine-tuning); `--transformer_config` trains a transformer from scratch instead. Text
-embeddings are the pipeline's own `encode_prompt` (what its `__call__` uses at inference). Time follows our
+embeddings are the pipeline's own `encode_prompt` (what its `__call__` uses at inference; Sana: the captions prefixed
+with SanaPipeline's default complex human instruction, the empty prompt not, as its `__call__` does). Time follows our
 convention (x_t = (1 - t) x0 + t eps, data at t = 0, `Transport`), converted to each model's `timestep` with
-`model_timestep`. `--output_dir` ends as the matching diffusers pipeline folder with the EMA transformer.
+`model_timestep`. `--output_dir` ends as the matching diffusers pipeline folder with the EMA transformer (Sana: sample
+it with `use_resolution_binning=False` unless its transformer's `sample_size` is one of SanaPipeline's bins).
 
 Images and captions come through the SiT scripts' data stream (`TrainDataStream`, the flags of `cli.add_data_args`):
 the same decoding and skip limit for broken images, sharding by process and exact resume. Of several captions per
@@ -601,6 +603,11 @@ def main(args=None):
     if family in ("sd3", "pixart") and sample_size is not None and sample_size < latent_side:
         raise ValueError(f"--resolution {args.resolution} gives {latent_side}x{latent_side} latents but the "
                          f"transformer's sample_size is {sample_size}.")
+    if family == "flux" and latent_side % 2:  # FluxPipeline packs 2x2 latent patches
+        raise ValueError(f"--resolution {args.resolution} gives {latent_side}x{latent_side} latents; Flux packs 2x2 "
+                         f"patches: use a multiple of {2 * T.vae_downsample_factor(vae)}.")
+    if family == "sana" and args.resolution % 32:  # refused by SanaPipeline, i.e. by the previews and the export's use
+        raise ValueError(f"--resolution {args.resolution}: SanaPipeline samples only sides divisible by 32.")
     model.train()
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()

@@ -9,7 +9,12 @@ a few steps, few samples / sampling steps, no tracker, no progress bar); nothing
 The network is replaced only at its boundary: a loopback Hub (tests/hub_server.py) behind `HF_ENDPOINT`, serving
 stand-ins under the real ids: `ILSVRC/imagenet-1k` (parquet shards in the real layout, ClassLabel with 1,000 names,
 the card's `dataset_info` YAML with the split sizes), `stabilityai/sd-vae-ft-ema` / `-mse` (a tiny random
-AutoencoderKL) and `facebook/dinov2-base` (a tiny random Dinov2Model).
+AutoencoderKL), `facebook/dinov2-base` (a tiny random Dinov2Model), and for the text-to-image block
+`stabilityai/stable-diffusion-3-medium-diffusers` (a tiny random StableDiffusion3Pipeline: the builder of
+benchmarks/convergence_t2i.py, and a card with license fields) and `lambdalabs/naruto-blip-captions` (parquet shards
+in the real layout: `image` JPEGs of varying sizes and a `text` caption, a plain card and `dataset_infos.json`). The
+text-to-image script measures a run in steps (150K by default, no epochs), so its shrinking flags include
+`--max_train_steps`.
 """
 
 import argparse
@@ -60,6 +65,18 @@ SHRINK_FLAGS = {
     "diffusers_selftrans.convert": ["--model", "{tiny_converted}"],
 }
 SHRINK_FLAGS["train_self_transcendence.py"] = SHRINK_FLAGS["train_align.py"]
+# the tiny SD3 stand-in at 16 px, 2 steps of 4 images, a 2-step preview, a narrow alignment MLP
+T2I_STEPS = 2
+SHRINK_FLAGS["train_self_transcendence_t2i.py"] = [
+    "--resolution", str(RESOLUTION), "--global_batch_size", "4", "--max_train_steps", str(T2I_STEPS),
+    "--validation_num_inference_steps", "2", "--projector_dim", "16", "--report_to", "none", "--no-progress"]
+
+# The text-to-image stand-ins: the pipeline and the captioned dataset the README's T2I block names.
+SD3_REPO = "stabilityai/stable-diffusion-3-medium-diffusers"
+SD3_LICENSE = {"license": "other", "license_name": "stabilityai-ai-community", "license_link": "LICENSE.md"}
+CAPTIONS_REPO = "lambdalabs/naruto-blip-captions"
+CAPTION_SHARDS = ("train-00000-of-00002-12944970063701d5.parquet", "train-00001-of-00002-cefa2f480689f147.parquet")
+NUM_CAPTIONED = 12
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -145,6 +162,48 @@ def write_parquet_split(folder, split, per_class, num_shards, rng):
     return len(records)
 
 
+def write_captioned_dataset(repo: Path, rng) -> int:
+    """`lambdalabs/naruto-blip-captions`' layout: `data/train-0000i-of-00002-<hash>.parquet` with an `image` (JPEG
+    bytes, varying sizes) and a `text` caption column, `dataset_infos.json` (features, the train split's size) and a
+    card without YAML metadata."""
+    import datasets
+
+    data = repo / "data"
+    data.mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    rows = []
+    for i in range(NUM_CAPTIONED):
+        side = IMAGE_SIDE + 4 * (i % 3)
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((side, IMAGE_SIDE, 3)) * 255).astype("uint8")).save(buf, format="JPEG")
+        rows.append(({"bytes": buf.getvalue(), "path": None}, f"a ninja with {('red', 'blue', 'black')[i % 3]} hair"))
+    for shard, name in enumerate(CAPTION_SHARDS):
+        part = rows[shard::len(CAPTION_SHARDS)]
+        datasets.Dataset.from_dict({"image": [r[0] for r in part], "text": [r[1] for r in part]},
+                                   features=features).to_parquet(str(data / name))
+    info = {"lambdalabs--naruto-blip-captions": {
+        "features": {"image": {"decode": True, "id": None, "_type": "Image"},
+                     "text": {"dtype": "string", "id": None, "_type": "Value"}},
+        "splits": {"train": {"name": "train", "num_bytes": 0, "num_examples": NUM_CAPTIONED,
+                             "dataset_name": "naruto-blip-captions"}}}}
+    (repo / "dataset_infos.json").write_text(json.dumps(info))
+    (repo / "README.md").write_text("# Dataset Card for Naruto BLIP captions (stand-in for tests)\n\n"
+                                    "For each row the dataset contains `image` and `text` keys.\n")
+    return NUM_CAPTIONED
+
+
+def write_sd3_pipeline(repo: Path) -> None:
+    """A tiny random StableDiffusion3Pipeline (the T2I tests' builder) with a card carrying the license fields."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import convergence_t2i
+
+    convergence_t2i.write_tiny_t2i_pipeline(repo, "sd3")
+    (repo / "README.md").write_text(f"---\n{yaml.safe_dump(SD3_LICENSE, sort_keys=False)}---\n\n"
+                                    "# Stable Diffusion 3 Medium stand-in (tests)\n")
+
+
 def build_hub(root: Path, *, with_card: bool = True) -> dict:
     """Write the stand-in repos under `root` (the HubServer layout); returns the numbers the tests check."""
     from diffusers import AutoencoderKL
@@ -166,7 +225,9 @@ def build_hub(root: Path, *, with_card: bool = True) -> dict:
     dino = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                     patch_size=2, image_size=8))
     dino.save_pretrained(root / "models" / "facebook" / "dinov2-base")
-    return {"num_train": num_train, "num_validation": num_validation}
+    write_sd3_pipeline(root / "models" / SD3_REPO)
+    num_captioned = write_captioned_dataset(root / "datasets" / CAPTIONS_REPO, rng)
+    return {"num_train": num_train, "num_validation": num_validation, "num_captioned": num_captioned}
 
 
 def hub_env(endpoint: str, hf_home: Path) -> dict:
@@ -241,9 +302,9 @@ def test_readme_marks_runnable_blocks_without_placeholders():
     blocks = readme_blocks(README.read_text())
     marked = [cmd for is_marked, commands in blocks if is_marked for cmd in commands]
     programs = {program(words) for words in marked}
-    # every kind of README command is under test: both stages, REPA, preprocessing, sampling, conversion
+    # every kind of README command is under test: both stages, REPA, preprocessing, sampling, conversion, T2I
     assert {"train_align.py", "train_self_transcendence.py", "preprocess_latents.py", "sample_fid.py",
-            "diffusers_selftrans.convert"} <= programs
+            "diffusers_selftrans.convert", "train_self_transcendence_t2i.py"} <= programs
     assert any(flag(words, "--alignment") == "repa" for words in marked)
     for words in marked:
         assert "..." not in words, f"placeholder in a tested block: {shlex.join(words)}"
@@ -328,11 +389,32 @@ def test_conversion_writes_a_loadable_transformer(readme_runs):
     assert model.config.learn_sigma is True and model.config.num_layers == 4
 
 
+def test_t2i_stages_write_sd3_pipelines(readme_runs, hub):
+    """The README's text-to-image block: stage 1 (the VAE-alignment term) then stage 2 guided by it, on the SD3
+    stand-in and the captioned dataset, each ending as a StableDiffusion3Pipeline folder with the base's license."""
+    work, runs = readme_runs
+    outputs = {flag(argv, "--stage"): work / d for d, (argv, result) in runs.items()
+               if program(argv) == "train_self_transcendence_t2i.py" and result.returncode == 0}
+    assert set(outputs) == {"1", "2"}
+    for stage, out in outputs.items():
+        rows = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in rows] == list(range(1, T2I_STEPS + 1))
+        term = "loss_vae_align" if stage == "1" else "loss_guide"
+        assert all(np.isfinite(row["loss"]) and row[term] > 0 for row in rows), (stage, rows)
+        args = json.loads((out / "args.json").read_text())
+        assert (args["dataset_name"], args["caption_column"]) == (CAPTIONS_REPO, "text")
+        assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+        assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+        card = (out / "README.md").read_text()
+        assert all(f"{key}: {value}" in card for key, value in SD3_LICENSE.items()), card[:600]
+    assert json.loads((outputs["2"] / "args.json").read_text())["guiding_model_name_or_path"] == "t2i-stage1"
+
+
 def test_hub_stand_in_was_used_for_every_repo(readme_runs, hub):
     """The commands really went through the loopback Hub (no silent local fallback) for data, VAE and encoder."""
     server, _ = hub
     paths = " ".join(path for _, path, status in server.requests if status in (200, 206))
-    for repo in ("ILSVRC/imagenet-1k", "stabilityai/sd-vae-ft-ema", "facebook/dinov2-base"):
+    for repo in ("ILSVRC/imagenet-1k", "stabilityai/sd-vae-ft-ema", "facebook/dinov2-base", SD3_REPO, CAPTIONS_REPO):
         assert repo in paths
     assert any(status == 206 for _, _, status in server.requests)  # parquet read with Range requests
 
