@@ -52,6 +52,16 @@ TINY_GEMMA_WIDTH = 32
 # Gemma's token budget: SanaPipeline prefixes each prompt with its "complex human instruction" (~1,050 characters)
 TINY_GEMMA_LENGTH = 2048
 SANA_RESOLUTION = 32
+# Lumina 2's Gemma token budget: its pipeline prefixes each prompt with a system prompt (~180 characters)
+TINY_LUMINA2_LENGTH = 256
+# Lumina2Pipeline assumes an 8x VAE (its `vae_scale_factor` is fixed) and samples sides divisible by 16: a 4-stage
+# tiny `AutoencoderKL` with FLUX.1's scale and shift (what Lumina-Image-2.0 ships) gives 4 x 4 latents at 32 px.
+LUMINA2_RESOLUTION = 32
+# Wan (video; images are 1-frame videos): WanPipeline samples sides divisible by 16; a tiny 8x `AutoencoderKLWan`
+# (4 latent channels normalised by `latents_mean` / `latents_std`) gives 1 x 4 x 4 latents at 32 px.
+WAN_RESOLUTION = 32
+WAN_LATENTS_MEAN = (0.1, -0.1, 0.05, 0.0)
+WAN_LATENTS_STD = (1.5, 0.8, 1.2, 1.0)
 # Flux's VAE latent normalisation (FLUX.1's `AutoencoderKL` config): x0 = (z - shift) * scale.
 FLUX_VAE_SCALING_FACTOR = 0.3611
 FLUX_VAE_SHIFT_FACTOR = 0.1159
@@ -162,6 +172,37 @@ def tiny_flux_vae(latent_channels: int = 4, sample_size: int = 16):
                     shift_factor=FLUX_VAE_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False)
 
 
+def tiny_lumina2_vae(latent_channels: int = 4):
+    """A 4-stage (8x down) `tiny_vae` with FLUX.1's scaling and shift factors, as Lumina 2's VAE."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=latent_channels, norm_num_groups=8,
+                         sample_size=LUMINA2_RESOLUTION, scaling_factor=FLUX_VAE_SCALING_FACTOR,
+                         shift_factor=FLUX_VAE_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_wan_vae(latent_channels: int = 4):
+    """A random tiny `AutoencoderKLWan` (8x down in space, causal in time), with per-channel latent statistics."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=8, z_dim=latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            latents_mean=list(WAN_LATENTS_MEAN[:latent_channels]),
+                            latents_std=list(WAN_LATENTS_STD[:latent_channels]))
+
+
+def umt5_encoder(vocab_size: int, seed: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(UMT5Config(
+        vocab_size=vocab_size, d_model=TINY_T5_WIDTH, d_kv=8, d_ff=2 * TINY_T5_WIDTH, num_layers=TINY_TEXT_LAYERS,
+        num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0)).eval()
+
+
 def tiny_dc_vae(latent_channels: int = 4):
     """A random tiny `AutoencoderDC` (Sana's deep-compression VAE, deterministic): 3 ResBlock stages, 4x down."""
     from diffusers import AutoencoderDC
@@ -197,19 +238,34 @@ def tiny_transformer_config(family: str, latent_side: int, latent_channels: int 
                     attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=TINY_T5_WIDTH,
                     pooled_projection_dim=TINY_CLIP_WIDTH, guidance_embeds=True,
                     axes_dims_rope=(head_dim // 4, head_dim // 4, head_dim // 2))
-    raise ValueError(f"No tiny config for {family!r} (sd3, pixart, sana, flux).")
+    if family == "lumina2":  # one refiner block each; caption positions up to Gemma's token budget
+        return dict(sample_size=latent_side, patch_size=2, in_channels=latent_channels, hidden_size=head_dim * heads,
+                    num_layers=num_layers, num_refiner_layers=1, num_attention_heads=heads, num_kv_heads=1,
+                    multiple_of=16, axes_dim_rope=(head_dim // 2, head_dim // 4, head_dim // 4),
+                    axes_lens=(TINY_LUMINA2_LENGTH + 1, 32, 32), cap_feat_dim=TINY_GEMMA_WIDTH)
+    if family == "wan":  # (1, 2, 2) patches of 1-frame videos; UMT5 text in cross-attention
+        return dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                    in_channels=latent_channels, out_channels=latent_channels, text_dim=TINY_T5_WIDTH, freq_dim=32,
+                    ffn_dim=4 * head_dim * heads, num_layers=num_layers, rope_max_seq_len=32)
+    raise ValueError(f"No tiny config for {family!r} (sd3, pixart, sana, flux, lumina2, wan).")
 
 
 def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_config=None, seed: int = 0) -> Path:
     """Save a random tiny `StableDiffusion3Pipeline` ("sd3": CLIP-L, CLIP-G, T5), `PixArtSigmaPipeline` ("pixart":
     T5), `SanaPipeline` ("sana": Gemma 2, `AutoencoderDC`, flow DPM-Solver++; sample it at `SANA_RESOLUTION`) or
-    `FluxPipeline` ("flux": CLIP-L without projection, T5, guidance-embedded transformer) with character-level
-    tokenizers into `folder`, loadable offline by `<Pipeline>.from_pretrained(folder)`."""
+    `FluxPipeline` ("flux": CLIP-L without projection, T5, guidance-embedded transformer), `Lumina2Pipeline`
+    ("lumina2": Gemma 2, an 8x `AutoencoderKL` with scale and shift; sample it at `LUMINA2_RESOLUTION`) or `WanPipeline`
+    ("wan": UMT5, `AutoencoderKLWan`, flow UniPC; 1-frame videos at `WAN_RESOLUTION`) with character-level tokenizers
+    into `folder`, loadable offline by `<Pipeline>.from_pretrained(folder)`."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if family == "sana":
         return _write_tiny_sana_pipeline(folder, vae, transformer_config, seed)
+    if family == "lumina2":
+        return _write_tiny_lumina2_pipeline(folder, vae, transformer_config, seed)
+    if family == "wan":
+        return _write_tiny_wan_pipeline(folder, vae, transformer_config, seed)
     if vae is None:
         vae = tiny_flux_vae() if family == "flux" else tiny_vae()
     if family == "sd3" and vae.config.shift_factor is None:
@@ -240,7 +296,7 @@ def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_c
             text_encoder=clip_encoder(len(tok), seed + 1, projection=False), tokenizer=tok,
             text_encoder_2=t5, tokenizer_2=t5_tok)
     else:
-        raise ValueError(f"No tiny pipeline for {family!r} (sd3, pixart, sana, flux).")
+        raise ValueError(f"No tiny pipeline for {family!r} (sd3, pixart, sana, flux, lumina2, wan).")
     pipe.save_pretrained(folder)
     return Path(folder)
 
@@ -259,6 +315,39 @@ def _write_tiny_sana_pipeline(folder, vae=None, transformer_config=None, seed: i
     torch.manual_seed(seed)
     pipe = diffusers.SanaPipeline(transformer=diffusers.SanaTransformer2DModel(**config), scheduler=scheduler,
                                   vae=vae, text_encoder=gemma, tokenizer=tok)
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+def _write_tiny_lumina2_pipeline(folder, vae=None, transformer_config=None, seed: int = 0) -> Path:
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    vae = vae if vae is not None else tiny_lumina2_vae()
+    latent_side = LUMINA2_RESOLUTION // 8
+    config = transformer_config or tiny_transformer_config("lumina2", latent_side, vae.config.latent_channels)
+    tok = gemma_tokenizer(TINY_LUMINA2_LENGTH)
+    torch.manual_seed(seed)
+    pipe = diffusers.Lumina2Pipeline(transformer=diffusers.Lumina2Transformer2DModel(**config),
+                                     scheduler=FlowMatchEulerDiscreteScheduler(shift=6.0), vae=vae,
+                                     text_encoder=gemma_encoder(len(tok), seed + 5), tokenizer=tok)
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+def _write_tiny_wan_pipeline(folder, vae=None, transformer_config=None, seed: int = 0) -> Path:
+    import diffusers
+    from diffusers import UniPCMultistepScheduler
+
+    vae = vae if vae is not None else tiny_wan_vae()
+    latent_side = WAN_RESOLUTION // vae.spatial_compression_ratio
+    config = transformer_config or tiny_transformer_config("wan", latent_side, vae.config.z_dim)
+    tok = t5_tokenizer(TINY_T5_LENGTH)
+    # what Wan 2.1's T2V pipelines ship: UniPC sampling the velocity on flow sigmas, time shift (5 at 720p, 3 at 480p)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    torch.manual_seed(seed)
+    pipe = diffusers.WanPipeline(transformer=diffusers.WanTransformer3DModel(**config), scheduler=scheduler, vae=vae,
+                                 text_encoder=umt5_encoder(len(tok), seed + 6), tokenizer=tok)
     pipe.save_pretrained(folder)
     return Path(folder)
 

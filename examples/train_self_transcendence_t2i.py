@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
-"""Self-Transcendence for text-to-image on diffusers' own transformers (SD3, PixArt-Sigma, Sana, Flux), on `accelerate`.
+"""Self-Transcendence text-to-image on diffusers' transformers (SD3, PixArt-Sigma, Sana, Flux, Lumina 2, Wan).
 
 One script, both stages (the released T2I setting, method-notes §3.4, `train_t2i_vaeloss.sh` and
 `train_t2i_self_trans.sh`):
@@ -26,7 +26,9 @@ One script, both stages (the released T2I setting, method-notes §3.4, `train_t2
 The pipeline named by `--pretrained_model_name_or_path` provides the VAE, the frozen text encoders and tokenizers
 (and the transformer when fine-tuning); `--transformer_config` trains a transformer from scratch instead. Text
 embeddings are the pipeline's own `encode_prompt` (what its `__call__` uses at inference; Sana: the captions prefixed
-with SanaPipeline's default complex human instruction, the empty prompt not, as its `__call__` does). Time follows our
+with SanaPipeline's default complex human instruction, the empty prompt not, as its `__call__` does; Lumina 2: the
+captions behind its system prompt, the empty prompt not, with Gemma's right-padded mask). Wan (video) trains on images
+as 1-frame videos: latents (N, C, 1, H, W) normalised by the VAE's `latents_mean` / `latents_std`. Time follows our
 convention (x_t = (1 - t) x0 + t eps, data at t = 0, `Transport`), converted to each model's `timestep` with
 `model_timestep`. `--output_dir` ends as the matching diffusers pipeline folder with the EMA transformer (Sana: sample
 it with `use_resolution_binning=False` unless its transformer's `sample_size` is one of SanaPipeline's bins).
@@ -73,7 +75,8 @@ from diffusers_selftrans import runs as R
 from diffusers_selftrans import training as T
 from diffusers_selftrans.alignment import build_alignment, default_t2i_options
 from diffusers_selftrans.data import DataConfig, TrainDataStream
-from diffusers_selftrans.models.block_features import BlockFeatures, model_timestep, model_velocity
+from diffusers_selftrans.models.block_features import (BlockFeatures, describe_transformer, model_timestep,
+                                                      model_velocity)
 from diffusers_selftrans.provenance import (ProvenanceError, check_provenance, module_digest, read_provenance,
                                             vae_encoder_identity, write_provenance)
 from diffusers_selftrans.transport import Transport
@@ -87,6 +90,8 @@ PIPELINES = {
     "PixArtSigmaPipeline": ("pixart", "PixArtTransformer2DModel", 300),
     "SanaPipeline": ("sana", "SanaTransformer2DModel", 300),
     "FluxPipeline": ("flux", "FluxTransformer2DModel", 512),
+    "Lumina2Pipeline": ("lumina2", "Lumina2Transformer2DModel", 256),
+    "WanPipeline": ("wan", "WanTransformer3DModel", 512),  # video: images train as 1-frame videos
 }
 
 # Released T2I setting (issue 16, `train_t2i_*.sh`): AdamW lr 2e-4, betas (0.9, 0.9), weight decay 0.03, 5K linear
@@ -117,7 +122,8 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0])
     g = parser.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=False, default=None,
-                   help="A diffusers SD3 / PixArt-Sigma / Sana / Flux pipeline folder or Hub id: VAE, text encoders "
+                   help="A diffusers SD3 / PixArt-Sigma / Sana / Flux / Lumina 2 / Wan pipeline folder or Hub id: VAE, "
+                        "text encoders "
                         "and tokenizers from its subfolders, and its transformer unless --transformer_config is given.")
     g.add_argument("--revision", type=str, default=None)
     g.add_argument("--transformer_config", type=str, default=None,
@@ -241,7 +247,23 @@ def encode_captions(family: str, text_pipe, captions, device, max_sequence_lengt
             embeds, pooled, _ = text_pipe.encode_prompt(prompt=captions, prompt_2=captions, device=device,
                                                         max_sequence_length=max_sequence_length)
             return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if family == "lumina2":  # the system prompt prefixes prompts, not the negative prompt (Lumina2Pipeline)
+            embeds, mask, neg, neg_mask = text_pipe.encode_prompt(
+                captions, do_classifier_free_guidance=negative, negative_prompt=captions if negative else None,
+                device=device, max_sequence_length=max_sequence_length)
+            embeds, mask = (neg, neg_mask) if negative else (embeds, mask)
+            return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        if family == "wan":  # UMT5, zero past each caption's tokens (no mask reaches the transformer)
+            embeds, _ = text_pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device,
+                                                max_sequence_length=max_sequence_length)
+            return {"encoder_hidden_states": embeds}
     raise ValueError(f"Unknown family {family!r}.")
+
+
+def as_float(cond: dict) -> dict:
+    """The conditioning's floating tensors in fp32; masks keep their integer / boolean dtype (Lumina 2 counts the
+    caption's tokens off its mask)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
 
 
 def sana_instruction(pipeline_cls) -> list:
@@ -341,12 +363,18 @@ def prompt_embedding_kwargs(family: str, cond: dict, null: dict) -> dict:
     """The family pipeline's `prompt_embeds`-style arguments for conditioning `cond` (empty prompt: `null`), so a
     pipeline without text encoders can sample."""
     n = cond["encoder_hidden_states"].shape[0]
-    cond = {k: v.float() for k, v in cond.items()}  # the preview transformer is fp32
-    neg = {k: v.float().expand(n, *v.shape[1:]) for k, v in null.items()}
+    cond = as_float(cond)  # the preview transformer is fp32
+    neg = {k: v.expand(n, *v.shape[1:]) for k, v in as_float(null).items()}
     if family == "sd3":
         return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
                 "negative_prompt_embeds": neg["encoder_hidden_states"],
                 "negative_pooled_prompt_embeds": neg["pooled_projections"]}
+    if family == "wan":
+        return {"prompt_embeds": cond["encoder_hidden_states"], "negative_prompt_embeds": neg["encoder_hidden_states"]}
+    if family == "lumina2":
+        return {"prompt_embeds": cond["encoder_hidden_states"], "prompt_attention_mask": cond["encoder_attention_mask"],
+                "negative_prompt_embeds": neg["encoder_hidden_states"],
+                "negative_prompt_attention_mask": neg["encoder_attention_mask"]}
     if family in ("pixart", "sana"):  # their `negative_prompt` defaults to "", which refuses negative embeddings
         return {"prompt_embeds": cond["encoder_hidden_states"], "prompt_attention_mask": cond["encoder_attention_mask"],
                 "negative_prompt": None, "negative_prompt_embeds": neg["encoder_hidden_states"],
@@ -428,7 +456,7 @@ def alignment_for_stage(args, model, family, null, device, teacher_autocast=None
     (`default_t2i_options`), each overridable by its flag."""
     if args.stage == 1 and args.align_loss_weight == 0:  # the vanilla baseline: flow matching only, no head
         return build_alignment("none", model)
-    n = sum(len(getattr(model, name, [])) for name in ("transformer_blocks", "single_transformer_blocks"))
+    n = describe_transformer(model)["num_layers"]  # the blocks `BlockFeatures` numbers
     method = "vae_align" if args.stage == 1 else "self_transcendence"
     options = default_t2i_options(method, n)
     flags = {"layer": args.align_layer} if args.stage == 1 else {
@@ -505,6 +533,8 @@ def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema,
     kwargs = {"max_sequence_length": args.max_sequence_length, "guidance_scale": args.validation_guidance_scale}
     if family in ("pixart", "sana"):  # the training captions were neither cleaned nor binned (Sana: instruction-
         kwargs.update(use_resolution_binning=False, clean_caption=False)  # prefixed, as its pipeline's default)
+    if family == "wan":  # one frame, as trained
+        kwargs.update(num_frames=1, output_type="pil")
     if family == "flux":  # FluxPipeline: `guidance_scale` is the embedded guidance (as trained), CFG `true_cfg_scale`
         kwargs.update(guidance_scale=args.flux_guidance_scale, true_cfg_scale=args.validation_guidance_scale,
                       negative_prompt=[""] * len(prompts))
@@ -512,9 +542,10 @@ def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema,
         kwargs.update(prompt_embedding_kwargs(family, embed(prompts), null))
         prompts = None
     with weights:
-        images = pipe(prompt=prompts, height=args.resolution, width=args.resolution,
+        result = pipe(prompt=prompts, height=args.resolution, width=args.resolution,
                       num_inference_steps=args.validation_num_inference_steps,
-                      generator=torch.Generator("cpu").manual_seed(args.seed), **kwargs).images
+                      generator=torch.Generator("cpu").manual_seed(args.seed), **kwargs)
+    images = [video[0] for video in result.frames] if family == "wan" else result.images
     grid = make_image_grid(images, rows=1, cols=len(images))
     path = Path(args.output_dir) / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -573,14 +604,14 @@ def main(args=None):
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
     vae = text_pipe.vae
-    encoder = T.LatentEncoder(vae)
+    encoder = VideoLatentEncoder(vae) if family == "wan" else T.LatentEncoder(vae)
     args.max_sequence_length = args.max_sequence_length or text_length
     text_identity = text_encoders_identity(family, text_pipe, args.max_sequence_length)
     embed = TextEmbeddings(family, text_pipe, accelerator.device, args.max_sequence_length,
                            output_dir / TEXT_EMBEDDINGS_FOLDER if args.precompute_text_embeddings else None,
                            identity=text_identity)
-    null = {k: v.float() for k, v in encode_captions(family, text_pipe, [""], accelerator.device,
-                                                     args.max_sequence_length, negative=True).items()}
+    null = as_float(encode_captions(family, text_pipe, [""], accelerator.device, args.max_sequence_length,
+                                    negative=True))
 
     # 4.3 Data: images and captions, sharded by the stream itself (one sharding layer: not passed to `prepare`), with
     # an exact, per-process resumable position (the SiT scripts' `TrainDataStream`)
@@ -608,6 +639,11 @@ def main(args=None):
                          f"patches: use a multiple of {2 * T.vae_downsample_factor(vae)}.")
     if family == "sana" and args.resolution % 32:  # refused by SanaPipeline, i.e. by the previews and the export's use
         raise ValueError(f"--resolution {args.resolution}: SanaPipeline samples only sides divisible by 32.")
+    if family == "wan" and args.resolution % 16:
+        raise ValueError(f"--resolution {args.resolution}: WanPipeline samples only sides divisible by 16.")
+    if family == "lumina2" and (args.resolution % 16 or T.vae_downsample_factor(vae) != 8):
+        raise ValueError(f"--resolution {args.resolution} with a {T.vae_downsample_factor(vae)}x VAE: "
+                         "Lumina2Pipeline samples only sides divisible by 16 with an 8x VAE.")
     model.train()
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -700,7 +736,7 @@ def main(args=None):
         with accelerator.accumulate(*sync_modules):
             batch = next(batches)
             x0 = pack(family, encoder(batch, accelerator.device))  # scaled latents, fresh posterior sample
-            cond = {k: v.float() for k, v in embed(batch["captions"]).items()}  # the caption's (never dropped)
+            cond = as_float(embed(batch["captions"]))  # the caption's (never dropped)
             t, noise, x_t, target = transport.sample(x0)
             drop = torch.rand(x0.shape[0], device=x0.device) < args.caption_dropout
             student_cond = drop_captions(cond, null, drop)
@@ -870,10 +906,29 @@ def full_ema(ema: EMAModel):
 
 
 def encoder_shape(batch, vae):
-    """(N, C, h, w) of the latent grid of a pixel batch (any VAE: `AutoencoderKL`, Sana's `AutoencoderDC`)."""
+    """(N, C, h, w) of the latent grid of a pixel batch (any VAE: `AutoencoderKL`, Sana's `AutoencoderDC`, Wan's)."""
     n, _, h, w = batch["pixel_values"].shape
     factor = T.vae_downsample_factor(vae)
-    return n, vae.config.latent_channels, h // factor, w // factor
+    return n, vae.config.get("latent_channels") or vae.config.z_dim, h // factor, w // factor
+
+
+class VideoLatentEncoder:
+    """Images -> the normalised latents (N, C, 1, H, W) of 1-frame videos, x0 = (z - latents_mean) / latents_std
+    (what WanPipeline undoes before decoding), z a fresh posterior sample each step (as `T.LatentEncoder`)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        self.mean = torch.tensor(vae.config.latents_mean).view(shape)
+        self.std = torch.tensor(vae.config.latents_std).view(shape)
+
+    @torch.no_grad()
+    def __call__(self, batch, device) -> torch.Tensor:
+        if "latent_mean" in batch:
+            raise ValueError("Wan trains from images (its VAE encodes 1-frame videos), not from cached latents.")
+        pixels = batch["pixel_values"].to(device, self.vae.dtype).unsqueeze(2)
+        z = self.vae.encode(pixels).latent_dist.sample().float()
+        return (z - self.mean.to(device)) / self.std.to(device)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,30 @@ def test_vae_align_value_on_diffusers_models(family):
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_vae_align_on_a_video_transformer_predicts_its_patches():
+    """Wan (video, (1, 2, 2) patches, issue 27 item 5): the modulated head predicts a patch a token, unpatchified to
+    the target's (N, C, F, H, W) in the layout of Wan's own output (token (f, h, w) holds pixels (pt, ph, pw, C))."""
+    model = build("wan", num_layers=3)
+    b, cond, static = batch("wan")
+    method = build_alignment("vae_align", model, **dict(default_t2i_options("vae_align", 3), layer=2),
+                             projector_dim=SMALL_PROJ)
+    out = BlockFeatures(model)(b["x_t"], timestep=model_timestep(model, b["t"]), layers=method.student_layers,
+                               return_time_embedding=True, **cond, **static)
+    loss = method(out.hidden_states, time_embedding=out.time_embedding, **b)["vae_align"]
+    head = method.projector(out.hidden_states[2], out.time_embedding).detach()
+    n, c, f, h, w = b["target"].shape
+    tokens = head.reshape(n, f, h // 2, w // 2, 1, 2, 2, c)
+    video = torch.empty(n, c, f, h, w)
+    for i in range(f):
+        for j in range(h // 2):
+            for k in range(w // 2):
+                for q in range(2):
+                    for r in range(2):
+                        video[:, :, i, 2 * j + q, 2 * k + r] = tokens[:, i, j, k, 0, q, r]
+    torch.testing.assert_close(loss.detach(), (video - b["target"]).pow(2).mean(), rtol=1e-5, atol=1e-6)
+    assert method.predict(out.hidden_states, out.time_embedding, grid=(f, h, w)).shape == (n, c, f, h, w)
+
+
 def time_embedding_by_hand(model, family, t, cond):
     """The vector each family's final layer is modulated with, from the model's own embedding modules."""
     timestep = model_timestep(model, t)

@@ -1,6 +1,7 @@
-"""`examples/train_self_transcendence_t2i.py` end to end on tiny offline Sana and Flux pipelines (issue 27, items 1 and
-2; `benchmarks/convergence_t2i.py`'s builder: Sana with a random Gemma 2, its `AutoencoderDC` and flow DPM-Solver++;
-Flux with CLIP + T5, a shifted and scaled `AutoencoderKL`, packed 2x2 latent tokens and embedded guidance): stage 1
+"""`examples/train_self_transcendence_t2i.py` end to end on tiny offline Sana, Flux and Lumina 2 pipelines (issue 27,
+items 1, 2 and 5; `benchmarks/convergence_t2i.py`'s builder: Sana with a random Gemma 2, its `AutoencoderDC` and flow
+DPM-Solver++; Flux with CLIP + T5, a shifted and scaled `AutoencoderKL`, packed 2x2 latent tokens and embedded
+guidance; Lumina 2 with a random Gemma 2 behind its system prompt, right-padded caption masks, reversed time): stage 1
 then stage 2 on it, each output loaded into its diffusers pipeline and sampled, what the pipelines feed the
 transformer at sampling time against what the script trains on (time, text, ids, guidance), and an exact resume."""
 
@@ -22,18 +23,24 @@ import convergence_t2i  # noqa: E402  (the tiny pipeline builder)
 import train_self_transcendence_t2i as t2i  # noqa: E402
 from test_train_t2i import NUM_IMAGES, assert_same_weights, flags, read_losses, weights  # noqa: E402
 
-FAMILIES = ("sana", "flux")
-PIPELINE_CLASS = {"sana": "SanaPipeline", "flux": "FluxPipeline"}
-# SanaPipeline samples only sides divisible by 32 (its tiny AutoencoderDC: 4x down, 8 x 8 latents); Flux: 16 px.
-RESOLUTION = {"sana": convergence_t2i.SANA_RESOLUTION, "flux": 16}
+FAMILIES = ("sana", "flux", "lumina2", "wan")
+PIPELINE_CLASS = {"sana": "SanaPipeline", "flux": "FluxPipeline", "lumina2": "Lumina2Pipeline",
+                  "wan": "WanPipeline"}
+# SanaPipeline samples only sides divisible by 32 (its tiny AutoencoderDC: 4x down, 8 x 8 latents); Flux: 16 px;
+# Lumina2Pipeline: sides divisible by 16 with an 8x VAE (4 x 4 latents); WanPipeline: sides divisible by 16 (1 x 4 x 4).
+RESOLUTION = {"sana": convergence_t2i.SANA_RESOLUTION, "flux": 16, "lumina2": convergence_t2i.LUMINA2_RESOLUTION,
+              "wan": convergence_t2i.WAN_RESOLUTION}
+# Text tokens: 16, except Lumina 2 whose system prompt alone is ~180 characters (character-level tokenizer)
+TEXT_LENGTH = {"lumina2": convergence_t2i.TINY_LUMINA2_LENGTH}
+# Transformer calls per sampling step: Lumina2Pipeline and WanPipeline run the conditional and unconditional branches
+# separately.
+CALLS_PER_STEP = {"lumina2": 2, "wan": 2}
 PROMPTS = ["a handwritten seven", "the digit 2"]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("t2i_family_assets")
-    for family in FAMILIES:
-        convergence_t2i.write_tiny_t2i_pipeline(root / f"pipe_{family}", family)
+    root = tmp_path_factory.mktemp("t2i_family_assets")  # each family's pipeline: written by `run_flags` when used
     data = root / "data"  # as test_train_t2i's: 20 px noise images, digit captions
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -45,27 +52,42 @@ def assets(tmp_path_factory):
     return root
 
 
+class PerFamily(dict):
+    """A family's runs, made the first time a test asks for them (`-k <family>` runs that family's only)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, family):
+        self[family] = self.make(family)
+        return self[family]
+
+
 def run_flags(assets, family, output_dir, **extra):
-    return flags(assets, family, output_dir, **dict({"resolution": RESOLUTION[family]}, **extra))
+    if not (assets / f"pipe_{family}").is_dir():
+        convergence_t2i.write_tiny_t2i_pipeline(assets / f"pipe_{family}", family)
+    return flags(assets, family, output_dir, **dict({"resolution": RESOLUTION[family],
+                                                      "max_sequence_length": TEXT_LENGTH.get(family, 16)}, **extra))
 
 
 @pytest.fixture(scope="module")
 def stage1(assets):
-    out = {}
-    for family in FAMILIES:
-        out[family] = assets / f"stage1_{family}"
-        t2i.main(run_flags(assets, family, out[family], stage=1, validation_steps=4))
-    return out
+    def run(family):
+        t2i.main(run_flags(assets, family, assets / f"stage1_{family}", stage=1, validation_steps=4))
+        return assets / f"stage1_{family}"
+
+    return PerFamily(run)
 
 
 @pytest.fixture(scope="module")
 def stage2(assets, stage1):
-    out = {}
-    for family in FAMILIES:
-        out[family] = assets / f"stage2_{family}"
-        t2i.main(run_flags(assets, family, out[family], guiding_model_name_or_path=stage1[family], guide_stop_step=2,
-                           precompute_text_embeddings=True, validation_steps=2))
-    return out
+    def run(family):
+        t2i.main(run_flags(assets, family, assets / f"stage2_{family}", guiding_model_name_or_path=stage1[family],
+                           guide_stop_step=2, precompute_text_embeddings=True, validation_steps=2))
+        return assets / f"stage2_{family}"
+
+    return PerFamily(run)
 
 
 def sample_recording(family, folder):
@@ -78,11 +100,12 @@ def sample_recording(family, folder):
     pipe.transformer.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append({**kwargs, "hidden_states": args[0] if args else
                                                    kwargs["hidden_states"]}), with_kwargs=True)
-    kwargs = {"use_resolution_binning": False} if family == "sana" else {}  # its bins start at 512 px
-    images = pipe(prompt=PROMPTS, height=RESOLUTION[family], width=RESOLUTION[family], num_inference_steps=2,
-                  guidance_scale=2.0, max_sequence_length=16, output_type="np",
-                  generator=torch.Generator().manual_seed(0), **kwargs).images
-    return pipe, images, calls
+    kwargs = {"sana": {"use_resolution_binning": False},  # its bins start at 512 px
+              "wan": {"num_frames": 1}}.get(family, {})  # an image: a 1-frame video
+    out = pipe(prompt=PROMPTS, height=RESOLUTION[family], width=RESOLUTION[family], num_inference_steps=2,
+               guidance_scale=2.0, max_sequence_length=TEXT_LENGTH.get(family, 16), output_type="np",
+               generator=torch.Generator().manual_seed(0), **kwargs)
+    return pipe, out.frames[:, 0] if family == "wan" else out.images, calls
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -115,17 +138,35 @@ def test_pipeline_feeds_the_transformer_what_training_does(assets, stage1, famil
     from diffusers_selftrans.models.block_features import model_timestep
 
     pipe, _, calls = sample_recording(family, stage1[family])
-    sigmas = pipe.scheduler.sigmas[:2]
-    assert len(calls) == 2
+    sigmas = pipe.scheduler.sigmas[:2].repeat_interleave(CALLS_PER_STEP.get(family, 1))
+    assert len(calls) == len(sigmas)
     for call, sigma in zip(calls, sigmas):
         expected = model_timestep(pipe.transformer, sigma.reshape(1)).expand(call["timestep"].shape)
-        tolerance = pipe.transformer.config.timestep_scale if family == "sana" else 1e-6
+        # DPM-Solver's and UniPC's timesteps are integers (truncated)
+        tolerance = {"sana": pipe.transformer.config.get("timestep_scale"), "wan": 1.0}.get(family, 1e-6)
         assert torch.all((call["timestep"].float() - expected).abs() < tolerance), (call["timestep"], expected)
-    caps = t2i.encode_captions(family, pipe, PROMPTS, "cpu", 16)
-    null = t2i.encode_captions(family, pipe, [""], "cpu", 16, negative=True)
+    length = TEXT_LENGTH.get(family, 16)
+    caps = t2i.encode_captions(family, pipe, PROMPTS, "cpu", length)
+    null = t2i.encode_captions(family, pipe, [""], "cpu", length, negative=True)
     first = calls[0]
-    n, c, h, w = 2, pipe.vae.config.latent_channels, 8, 8
-    if family == "sana":  # CFG batch: [negative; prompts]
+    side = RESOLUTION[family] // t2i.T.vae_downsample_factor(pipe.vae)
+    n, c, h, w = 2, pipe.transformer.config.in_channels // (4 if family == "flux" else 1), side, side
+    if family == "wan":  # [caption] then [empty prompt] calls; 1-frame video latents
+        torch.testing.assert_close(first["encoder_hidden_states"], caps["encoder_hidden_states"])
+        torch.testing.assert_close(calls[1]["encoder_hidden_states"], null["encoder_hidden_states"].expand(2, -1, -1))
+        assert first["hidden_states"].shape == (n, c, 1, h, w)
+        x0 = t2i.VideoLatentEncoder(pipe.vae)({"pixel_values": torch.zeros(n, 3, RESOLUTION[family],
+                                                                           RESOLUTION[family])}, "cpu")
+        assert x0.shape == first["hidden_states"].shape
+    elif family == "lumina2":  # [caption] then [empty prompt] calls; right-padded masks of the system-prefixed prompts
+        torch.testing.assert_close(first["encoder_hidden_states"], caps["encoder_hidden_states"])
+        assert torch.equal(first["encoder_attention_mask"], caps["encoder_attention_mask"])
+        torch.testing.assert_close(calls[1]["encoder_hidden_states"], null["encoder_hidden_states"].expand(2, -1, -1))
+        assert torch.equal(calls[1]["encoder_attention_mask"], null["encoder_attention_mask"].expand(2, -1))
+        assert null["encoder_attention_mask"].sum() == 1  # <bos> alone: the negative prompt has no system prompt
+        assert len(set(caps["encoder_attention_mask"].sum(dim=1).tolist())) == 2  # the captions' own lengths
+        assert first["hidden_states"].shape == (n, c, h, w)
+    elif family == "sana":  # CFG batch: [negative; prompts]
         expected = torch.cat([null["encoder_hidden_states"].expand(2, -1, -1), caps["encoder_hidden_states"]])
         torch.testing.assert_close(first["encoder_hidden_states"], expected)
         mask = torch.cat([null["encoder_attention_mask"].expand(2, -1), caps["encoder_attention_mask"]])
@@ -146,21 +187,22 @@ def test_pipeline_feeds_the_transformer_what_training_does(assets, stage1, famil
         assert t2i.parse_args(run_flags(assets, family, assets / "unused", stage=1)).flux_guidance_scale == default
 
 
-def test_flux_stage1_resumes_exactly(assets, stage1, tmp_path):
+@pytest.mark.parametrize("family", ("flux", "lumina2", "wan"))
+def test_stage1_resumes_exactly(assets, stage1, tmp_path, family):
     """Stopped at checkpoint 2 and resumed: the same losses (alignment term included) and final weights (transformer,
-    EMA, the modulated packed-token head) as the straight run."""
+    EMA, the modulated head: Flux's on packed tokens, Lumina 2's on its time embedding) as the straight run."""
     out = tmp_path / "resumed"
-    t2i.main(run_flags(assets, "flux", out, stage=1, max_train_steps=2, validation_steps=4))
-    t2i.main(run_flags(assets, "flux", out, stage=1, validation_steps=4, resume_from_checkpoint="latest"))
-    straight, resumed = read_losses(stage1["flux"]), read_losses(out)
+    t2i.main(run_flags(assets, family, out, stage=1, max_train_steps=2, validation_steps=4))
+    t2i.main(run_flags(assets, family, out, stage=1, validation_steps=4, resume_from_checkpoint="latest"))
+    straight, resumed = read_losses(stage1[family]), read_losses(out)
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in straight:
         for key in ("loss", "loss_diff", "loss_vae_align", "lr"):
             assert resumed[step][key] == straight[step][key], (step, key)
     for sub in ("transformer", "transformer_ema", "projector"):
-        assert_same_weights(out / "checkpoint-4" / sub, stage1["flux"] / "checkpoint-4" / sub)
-    assert_same_weights(out / "transformer", stage1["flux"] / "transformer")
-    assert weights(out / "transformer").keys() == weights(stage1["flux"] / "transformer").keys()
+        assert_same_weights(out / "checkpoint-4" / sub, stage1[family] / "checkpoint-4" / sub)
+    assert_same_weights(out / "transformer", stage1[family] / "transformer")
+    assert weights(out / "transformer").keys() == weights(stage1[family] / "transformer").keys()
 
 
 def test_resolutions_the_pipelines_cannot_sample_are_refused_before_training(assets, tmp_path):

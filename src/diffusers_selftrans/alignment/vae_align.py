@@ -12,9 +12,11 @@ Text-to-image (`default_t2i_options`): the released T2I stage 1 modulates the he
 vector (`modulated_head=True`: shift/scale from the timestep embedding, which SD3 and Flux sum with the pooled text),
 read off the transformer by `BlockFeatures(..., return_time_embedding=True)`. Flux's tokens are its packed 2x2
 latents: the head predicts the packed latents per token and the loss compares them with the packed target (the same
-mean squared error as on the unpacked grid: a permutation of the same elements).
+mean squared error as on the unpacked grid: a permutation of the same elements). Video transformers (Wan, patches
+(pt, ph, pw)) predict a (pt, ph, pw) patch a token, unpatchified to the target's (N, C, F, H, W) as Wan's own output.
 """
 
+import math
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -90,7 +92,8 @@ class VAEAlignment(AlignmentMethod):
         self.align_target = align_target
         self.t_range = check_t_range(t_range, t_range_mode)
         self.t_range_mode = t_range_mode
-        self.patch_size = cfg["patch_size"]
+        self.patch_size = cfg["patch_size"]  # an int, or a video model's (pt, ph, pw)
+        patch_cells = math.prod(self.patch_size) if isinstance(self.patch_size, tuple) else self.patch_size**2
         self.latent_channels = cfg["in_channels"]
         self.packed = bool(cfg.get("packed"))
         self.modulated_head = modulated_head
@@ -98,7 +101,7 @@ class VAEAlignment(AlignmentMethod):
         # ST `build_mlp(D, 2048, D)` + `FinalLayer_2(D, p, C)` (T2I: `FinalLayer`, modulated by the model's c, as
         # wide as `describe_transformer` says: the hidden size, or less for Lumina 2 / Z-Image): p*p*C values a token.
         self.projector = make_projector(
-            projector, hidden, hidden, projector_dim, head_features=self.patch_size**2 * self.latent_channels,
+            projector, hidden, hidden, projector_dim, head_features=patch_cells * self.latent_channels,
             modulation_features=(cfg.get("time_embedding_dim") or hidden) if modulated_head else None,
         )
         self.weights = {self.name: float(weight)}
@@ -112,16 +115,22 @@ class VAEAlignment(AlignmentMethod):
         """Whether the student's call must return its time embedding (`BlockFeatures(return_time_embedding=True)`)."""
         return self.modulated_head
 
-    def predict(self, features: Mapping[int, torch.Tensor],
-                time_embedding: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Block `layer` tokens -> the head's prediction: the latent grid (N, C, H, W), or Flux's packed latents
-        (N, L, C) as the model's own output."""
+    def predict(self, features: Mapping[int, torch.Tensor], time_embedding: Optional[torch.Tensor] = None,
+                grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Block `layer` tokens -> the head's prediction: the latent grid (N, C, H, W), Flux's packed latents
+        (N, L, C) as the model's own output, or a video model's (N, C, F, H, W) (`grid`: its (F, H, W))."""
         tokens = get_feature(features, self.layer, self.name)
         if self.modulated_head and time_embedding is None:
             raise ValueError("vae_align with modulated_head needs `time_embedding` (the student's, from "
                              "BlockFeatures(..., return_time_embedding=True)).")
         head = self.projector(tokens.float(), time_embedding.float() if self.modulated_head else None)
-        return head if self.packed else unpatchify(head, self.patch_size, self.latent_channels)
+        if self.packed:
+            return head
+        if isinstance(self.patch_size, tuple):
+            if grid is None:
+                raise ValueError("A video model's head needs the latent `grid` (F, H, W) to unpatchify.")
+            return unpatchify_video(head, self.patch_size, self.latent_channels, grid)
+        return unpatchify(head, self.patch_size, self.latent_channels)
 
     def forward(
         self,
@@ -137,8 +146,17 @@ class VAEAlignment(AlignmentMethod):
         if goal is None:
             which = "target` (the velocity eps - x0)" if self.align_target == "velocity" else "x0` (the clean latents)"
             raise ValueError(f"vae_align with align_target={self.align_target!r} needs `{which}.")
-        prediction = self.predict(features, time_embedding).float()
+        prediction = self.predict(features, time_embedding, grid=goal.shape[2:]).float()
         if prediction.shape != goal.shape:
             raise ValueError(f"The head predicts {tuple(prediction.shape)} but the target is {tuple(goal.shape)}.")
         per_sample = (prediction - goal.float()).pow(2).flatten(1).mean(dim=1)  # mean_flat over C, H, W (Flux: L, C)
         return {self.name: reduce_over_batch(per_sample, t, self.t_range, self.t_range_mode)}
+
+
+def unpatchify_video(x: torch.Tensor, patch_size: Sequence[int], channels: int, grid: Sequence[int]) -> torch.Tensor:
+    """(N, T, pt*ph*pw*C) -> (N, C, F, H, W) for the latent grid (F, H, W), in the layout of Wan's own output (tokens
+    in (f, h, w) order, each a (pt, ph, pw, C) patch)."""
+    (pt, ph, pw), (f, h, w) = patch_size, grid
+    n = x.shape[0]
+    x = x.reshape(n, f // pt, h // ph, w // pw, pt, ph, pw, channels)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(n, channels, f, h, w)
