@@ -62,6 +62,10 @@ LUMINA2_RESOLUTION = 32
 WAN_RESOLUTION = 32
 WAN_LATENTS_MEAN = (0.1, -0.1, 0.05, 0.0)
 WAN_LATENTS_STD = (1.5, 0.8, 1.2, 1.0)
+# Z-Image's text side: a random Qwen3 behind a chat template (character-level tokenizer), its token budget.
+TINY_ZIMAGE_LENGTH = 96
+ZIMAGE_CHAT_TEMPLATE = ("{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} "
+                        "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}")
 # Flux's VAE latent normalisation (FLUX.1's `AutoencoderKL` config): x0 = (z - shift) * scale.
 FLUX_VAE_SCALING_FACTOR = 0.3611
 FLUX_VAE_SHIFT_FACTOR = 0.1159
@@ -203,6 +207,16 @@ def umt5_encoder(vocab_size: int, seed: int):
         decoder_start_token_id=0)).eval()
 
 
+def qwen3_encoder(vocab_size: int, seed: int):
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    return Qwen3Model(Qwen3Config(
+        vocab_size=vocab_size, hidden_size=TINY_GEMMA_WIDTH, intermediate_size=2 * TINY_GEMMA_WIDTH,
+        num_hidden_layers=TINY_TEXT_LAYERS, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        max_position_embeddings=TINY_ZIMAGE_LENGTH, pad_token_id=0)).eval()
+
+
 def tiny_dc_vae(latent_channels: int = 4):
     """A random tiny `AutoencoderDC` (Sana's deep-compression VAE, deterministic): 3 ResBlock stages, 4x down."""
     from diffusers import AutoencoderDC
@@ -247,7 +261,12 @@ def tiny_transformer_config(family: str, latent_side: int, latent_channels: int 
         return dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
                     in_channels=latent_channels, out_channels=latent_channels, text_dim=TINY_T5_WIDTH, freq_dim=32,
                     ffn_dim=4 * head_dim * heads, num_layers=num_layers, rope_max_seq_len=32)
-    raise ValueError(f"No tiny config for {family!r} (sd3, pixart, sana, flux, lumina2, wan).")
+    if family == "zimage":  # one refiner block each; caption positions up to the token budget
+        return dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=head_dim * heads,
+                    n_layers=num_layers, n_refiner_layers=1, n_heads=heads, n_kv_heads=heads,
+                    cap_feat_dim=TINY_GEMMA_WIDTH, axes_dims=[head_dim // 2, head_dim // 4, head_dim // 4],
+                    axes_lens=[TINY_ZIMAGE_LENGTH + 64, 32, 32])
+    raise ValueError(f"No tiny config for {family!r} (sd3, pixart, sana, flux, lumina2, wan, zimage).")
 
 
 def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_config=None, seed: int = 0) -> Path:
@@ -255,7 +274,8 @@ def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_c
     T5), `SanaPipeline` ("sana": Gemma 2, `AutoencoderDC`, flow DPM-Solver++; sample it at `SANA_RESOLUTION`) or
     `FluxPipeline` ("flux": CLIP-L without projection, T5, guidance-embedded transformer), `Lumina2Pipeline`
     ("lumina2": Gemma 2, an 8x `AutoencoderKL` with scale and shift; sample it at `LUMINA2_RESOLUTION`) or `WanPipeline`
-    ("wan": UMT5, `AutoencoderKLWan`, flow UniPC; 1-frame videos at `WAN_RESOLUTION`) with character-level tokenizers
+    ("wan": UMT5, `AutoencoderKLWan`, flow UniPC; 1-frame videos at `WAN_RESOLUTION`) or `ZImagePipeline` ("zimage":
+    Qwen3 behind a chat template, FLUX.1's VAE factors, per-sample caption lists) with character-level tokenizers
     into `folder`, loadable offline by `<Pipeline>.from_pretrained(folder)`."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -266,6 +286,8 @@ def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_c
         return _write_tiny_lumina2_pipeline(folder, vae, transformer_config, seed)
     if family == "wan":
         return _write_tiny_wan_pipeline(folder, vae, transformer_config, seed)
+    if family == "zimage":
+        return _write_tiny_zimage_pipeline(folder, vae, transformer_config, seed)
     if vae is None:
         vae = tiny_flux_vae() if family == "flux" else tiny_vae()
     if family == "sd3" and vae.config.shift_factor is None:
@@ -296,7 +318,7 @@ def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_c
             text_encoder=clip_encoder(len(tok), seed + 1, projection=False), tokenizer=tok,
             text_encoder_2=t5, tokenizer_2=t5_tok)
     else:
-        raise ValueError(f"No tiny pipeline for {family!r} (sd3, pixart, sana, flux, lumina2, wan).")
+        raise ValueError(f"No tiny pipeline for {family!r} (sd3, pixart, sana, flux, lumina2, wan, zimage).")
     pipe.save_pretrained(folder)
     return Path(folder)
 
@@ -348,6 +370,24 @@ def _write_tiny_wan_pipeline(folder, vae=None, transformer_config=None, seed: in
     torch.manual_seed(seed)
     pipe = diffusers.WanPipeline(transformer=diffusers.WanTransformer3DModel(**config), scheduler=scheduler, vae=vae,
                                  text_encoder=umt5_encoder(len(tok), seed + 6), tokenizer=tok)
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+def _write_tiny_zimage_pipeline(folder, vae=None, transformer_config=None, seed: int = 0) -> Path:
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    vae = vae if vae is not None else tiny_flux_vae()  # Z-Image ships FLUX.1's VAE (scale and shift)
+    latent_side = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    config = transformer_config or tiny_transformer_config("zimage", latent_side, vae.config.latent_channels)
+    tok = gemma_tokenizer(TINY_ZIMAGE_LENGTH)  # character-level, right-padded, with a chat template (Qwen3's role)
+    tok.padding_side = "right"
+    tok.chat_template = ZIMAGE_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    pipe = diffusers.ZImagePipeline(transformer=diffusers.ZImageTransformer2DModel(**config),
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=qwen3_encoder(len(tok), seed + 7), tokenizer=tok)
     pipe.save_pretrained(folder)
     return Path(folder)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
-"""Self-Transcendence text-to-image on diffusers' transformers (SD3, PixArt-Sigma, Sana, Flux, Lumina 2, Wan).
+"""Self-Transcendence text-to-image on diffusers' transformers (SD3, PixArt, Sana, Flux, Lumina 2, Wan, Z-Image).
 
 One script, both stages (the released T2I setting, method-notes §3.4, `train_t2i_vaeloss.sh` and
 `train_t2i_self_trans.sh`):
@@ -27,7 +27,8 @@ The pipeline named by `--pretrained_model_name_or_path` provides the VAE, the fr
 (and the transformer when fine-tuning); `--transformer_config` trains a transformer from scratch instead. Text
 embeddings are the pipeline's own `encode_prompt` (what its `__call__` uses at inference; Sana: the captions prefixed
 with SanaPipeline's default complex human instruction, the empty prompt not, as its `__call__` does; Lumina 2: the
-captions behind its system prompt, the empty prompt not, with Gemma's right-padded mask). Wan (video) trains on images
+captions behind its system prompt, the empty prompt not, with Gemma's right-padded mask; Z-Image: Qwen3 features of
+the chat-templated captions, each caption's unpadded tokens, as per-sample lists). Wan (video) trains on images
 as 1-frame videos: latents (N, C, 1, H, W) normalised by the VAE's `latents_mean` / `latents_std`. Time follows our
 convention (x_t = (1 - t) x0 + t eps, data at t = 0, `Transport`), converted to each model's `timestep` with
 `model_timestep`. `--output_dir` ends as the matching diffusers pipeline folder with the EMA transformer (Sana: sample
@@ -75,7 +76,7 @@ from diffusers_selftrans import runs as R
 from diffusers_selftrans import training as T
 from diffusers_selftrans.alignment import build_alignment, default_t2i_options
 from diffusers_selftrans.data import DataConfig, TrainDataStream
-from diffusers_selftrans.models.block_features import (BlockFeatures, describe_transformer, model_timestep,
+from diffusers_selftrans.models.block_features import (BlockFeatures, describe_transformer, model_inputs,
                                                       model_velocity)
 from diffusers_selftrans.provenance import (ProvenanceError, check_provenance, module_digest, read_provenance,
                                             vae_encoder_identity, write_provenance)
@@ -92,7 +93,10 @@ PIPELINES = {
     "FluxPipeline": ("flux", "FluxTransformer2DModel", 512),
     "Lumina2Pipeline": ("lumina2", "Lumina2Transformer2DModel", 256),
     "WanPipeline": ("wan", "WanTransformer3DModel", 512),  # video: images train as 1-frame videos
+    "ZImagePipeline": ("zimage", "ZImageTransformer2DModel", 512),
 }
+# Families whose caption features are per-sample lists of unpadded (L_i, D) tensors (Z-Image's `cap_feats`).
+LIST_CONDITIONING = ("zimage",)
 
 # Released T2I setting (issue 16, `train_t2i_*.sh`): AdamW lr 2e-4, betas (0.9, 0.9), weight decay 0.03, 5K linear
 # warm-up steps, caption dropout 0.1, stage 1 for 150K steps.
@@ -122,8 +126,8 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0])
     g = parser.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=False, default=None,
-                   help="A diffusers SD3 / PixArt-Sigma / Sana / Flux / Lumina 2 / Wan pipeline folder or Hub id: VAE, "
-                        "text encoders "
+                   help="A diffusers SD3 / PixArt-Sigma / Sana / Flux / Lumina 2 / Wan / Z-Image pipeline folder "
+                        "or Hub id: VAE, text encoders "
                         "and tokenizers from its subfolders, and its transformer unless --transformer_config is given.")
     g.add_argument("--revision", type=str, default=None)
     g.add_argument("--transformer_config", type=str, default=None,
@@ -257,13 +261,18 @@ def encode_captions(family: str, text_pipe, captions, device, max_sequence_lengt
             embeds, _ = text_pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device,
                                                 max_sequence_length=max_sequence_length)
             return {"encoder_hidden_states": embeds}
+        if family == "zimage":  # Qwen3 behind its chat template, each caption's unpadded tokens
+            embeds, _ = text_pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False,
+                                                max_sequence_length=max_sequence_length)
+            return {"cap_feats": list(embeds)}
     raise ValueError(f"Unknown family {family!r}.")
 
 
 def as_float(cond: dict) -> dict:
     """The conditioning's floating tensors in fp32; masks keep their integer / boolean dtype (Lumina 2 counts the
     caption's tokens off its mask)."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
+    return {k: [x.float() for x in v] if isinstance(v, list) else v.float() if v.is_floating_point() else v
+            for k, v in cond.items()}
 
 
 def sana_instruction(pipeline_cls) -> list:
@@ -326,6 +335,8 @@ class TextEmbeddings:
             if stored != caption:  # two captions with one sha1, or a file copied in from elsewhere
                 raise ProvenanceError(f"Refusing to reuse {path}: it holds the embeddings of {stored!r}, not of "
                                       f"{caption!r}. Delete it to encode the caption again.")
+        if self.family in LIST_CONDITIONING:
+            return {k: [r[k].to(self.device) for r in rows] for k in rows[0]}
         return {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
 
 
@@ -362,15 +373,17 @@ def free_text_encoders(text_pipe) -> None:
 def prompt_embedding_kwargs(family: str, cond: dict, null: dict) -> dict:
     """The family pipeline's `prompt_embeds`-style arguments for conditioning `cond` (empty prompt: `null`), so a
     pipeline without text encoders can sample."""
-    n = cond["encoder_hidden_states"].shape[0]
+    n = len(next(iter(cond.values())))
     cond = as_float(cond)  # the preview transformer is fp32
-    neg = {k: v.expand(n, *v.shape[1:]) for k, v in as_float(null).items()}
+    neg = {k: v * n if isinstance(v, list) else v.expand(n, *v.shape[1:]) for k, v in as_float(null).items()}
     if family == "sd3":
         return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
                 "negative_prompt_embeds": neg["encoder_hidden_states"],
                 "negative_pooled_prompt_embeds": neg["pooled_projections"]}
     if family == "wan":
         return {"prompt_embeds": cond["encoder_hidden_states"], "negative_prompt_embeds": neg["encoder_hidden_states"]}
+    if family == "zimage":
+        return {"prompt_embeds": cond["cap_feats"], "negative_prompt_embeds": neg["cap_feats"]}
     if family == "lumina2":
         return {"prompt_embeds": cond["encoder_hidden_states"], "prompt_attention_mask": cond["encoder_attention_mask"],
                 "negative_prompt_embeds": neg["encoder_hidden_states"],
@@ -390,6 +403,9 @@ def drop_captions(cond: dict, null: dict, drop: torch.Tensor) -> dict:
     """Caption dropout for CFG: rows with `drop` get the empty prompt's conditioning."""
     out = {}
     for name, value in cond.items():
+        if isinstance(value, list):  # per-sample lists
+            out[name] = [null[name][0].to(v.device, v.dtype) if d else v for v, d in zip(value, drop.tolist())]
+            continue
         empty = null[name].to(value.device, value.dtype).expand_as(value)
         out[name] = torch.where(drop.view(-1, *([1] * (value.ndim - 1))), empty, value)
     return out
@@ -639,6 +655,9 @@ def main(args=None):
                          f"patches: use a multiple of {2 * T.vae_downsample_factor(vae)}.")
     if family == "sana" and args.resolution % 32:  # refused by SanaPipeline, i.e. by the previews and the export's use
         raise ValueError(f"--resolution {args.resolution}: SanaPipeline samples only sides divisible by 32.")
+    if family == "zimage" and args.resolution % (2 * T.vae_downsample_factor(vae)):  # ZImagePipeline's check
+        raise ValueError(f"--resolution {args.resolution}: ZImagePipeline samples only sides divisible by "
+                         f"{2 * T.vae_downsample_factor(vae)}.")
     if family == "wan" and args.resolution % 16:
         raise ValueError(f"--resolution {args.resolution}: WanPipeline samples only sides divisible by 16.")
     if family == "lumina2" and (args.resolution % 16 or T.vae_downsample_factor(vae) != 8):
@@ -741,13 +760,13 @@ def main(args=None):
             drop = torch.rand(x0.shape[0], device=x0.device) < args.caption_dropout
             student_cond = drop_captions(cond, null, drop)
             teacher_cond = student_cond if args.teacher_captions == "dropped" else cond
-            n_text = cond["encoder_hidden_states"].shape[1]
+            n_text = cond["encoder_hidden_states"].shape[1] if family == "flux" else 0  # Flux's txt_ids
             static = static_kwargs(family, core, encoder_shape(batch, vae), x0.device, x0.dtype, n_text)
             shared = {}
             if family == "flux" and core.config.get("guidance_embeds"):
                 shared = {"guidance": torch.full((x0.shape[0],), args.flux_guidance_scale, device=x0.device)}
             active = method.is_active(global_step)
-            out = feats(x_t, timestep=model_timestep(core, t), layers=method.student_layers if active else (),
+            out = feats(**model_inputs(core, x_t, t), layers=method.student_layers if active else (),
                         return_time_embedding=active and getattr(method, "needs_time_embedding", False),
                         **student_cond, **static, **shared)
             velocity = model_velocity(core, out.sample)

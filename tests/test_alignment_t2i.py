@@ -199,6 +199,24 @@ def test_self_transcendence_value_against_separate_teacher_passes(family):
     assert method.weights == {"guide": 0.5}
 
 
+def test_self_transcendence_teacher_pass_with_per_sample_lists():
+    """Z-Image (issue 27, item 5): latents, time and captions reach the teacher through `model_inputs` as per-sample
+    lists; its one batched pass, the captions' lists then the empty prompt's, equals the two passes apart."""
+    from diffusers_selftrans.models.block_features import model_inputs
+
+    student, teacher, method = make_st("zimage")
+    b, cond, _ = batch("zimage")
+    out = BlockFeatures(student)(**model_inputs(student, b["x_t"], b["t"]), layers=method.student_layers, **cond)
+    loss = method(out.hidden_states, x_t=b["x_t"], t=b["t"], step=0, conditioning=cond)["guide"]
+    teacher_features = BlockFeatures(teacher)
+    with torch.no_grad():
+        f_c, f_u = (teacher_features(**model_inputs(teacher, b["x_t"], b["t"]), stop_at_layer=3,
+                                     cap_feats=caps).hidden_states[3]
+                    for caps in (cond["cap_feats"], null_conditioning("zimage")["cap_feats"] * 3))
+    expected = (method.projector(out.hidden_states[2]).detach() - (f_u + W * (f_c - f_u))).pow(2).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ("sd3", "pixart", "qwenimage"))
 def test_one_batched_early_exit_teacher_pass_and_gradients(family):
     student, teacher, method = make_st(family)

@@ -1,7 +1,9 @@
-"""`examples/train_self_transcendence_t2i.py` end to end on tiny offline Sana, Flux and Lumina 2 pipelines (issue 27,
-items 1, 2 and 5; `benchmarks/convergence_t2i.py`'s builder: Sana with a random Gemma 2, its `AutoencoderDC` and flow
-DPM-Solver++; Flux with CLIP + T5, a shifted and scaled `AutoencoderKL`, packed 2x2 latent tokens and embedded
-guidance; Lumina 2 with a random Gemma 2 behind its system prompt, right-padded caption masks, reversed time): stage 1
+"""`examples/train_self_transcendence_t2i.py` end to end on tiny offline Sana, Flux, Lumina 2, Wan and Z-Image
+pipelines (issue 27, items 1, 2 and 5; `benchmarks/convergence_t2i.py`'s builder: Sana with a random Gemma 2, its
+`AutoencoderDC` and flow DPM-Solver++; Flux with CLIP + T5, a shifted and scaled `AutoencoderKL`, packed 2x2 latent
+tokens and embedded guidance; Lumina 2 with a random Gemma 2 behind its system prompt, right-padded caption masks,
+reversed time; Wan with UMT5 and `AutoencoderKLWan`, images as 1-frame videos; Z-Image with Qwen3 and per-sample
+caption lists): stage 1
 then stage 2 on it, each output loaded into its diffusers pipeline and sampled, what the pipelines feed the
 transformer at sampling time against what the script trains on (time, text, ids, guidance), and an exact resume."""
 
@@ -23,15 +25,15 @@ import convergence_t2i  # noqa: E402  (the tiny pipeline builder)
 import train_self_transcendence_t2i as t2i  # noqa: E402
 from test_train_t2i import NUM_IMAGES, assert_same_weights, flags, read_losses, weights  # noqa: E402
 
-FAMILIES = ("sana", "flux", "lumina2", "wan")
+FAMILIES = ("sana", "flux", "lumina2", "wan", "zimage")
 PIPELINE_CLASS = {"sana": "SanaPipeline", "flux": "FluxPipeline", "lumina2": "Lumina2Pipeline",
-                  "wan": "WanPipeline"}
+                  "wan": "WanPipeline", "zimage": "ZImagePipeline"}
 # SanaPipeline samples only sides divisible by 32 (its tiny AutoencoderDC: 4x down, 8 x 8 latents); Flux: 16 px;
 # Lumina2Pipeline: sides divisible by 16 with an 8x VAE (4 x 4 latents); WanPipeline: sides divisible by 16 (1 x 4 x 4).
 RESOLUTION = {"sana": convergence_t2i.SANA_RESOLUTION, "flux": 16, "lumina2": convergence_t2i.LUMINA2_RESOLUTION,
-              "wan": convergence_t2i.WAN_RESOLUTION}
+              "wan": convergence_t2i.WAN_RESOLUTION, "zimage": 16}
 # Text tokens: 16, except Lumina 2 whose system prompt alone is ~180 characters (character-level tokenizer)
-TEXT_LENGTH = {"lumina2": convergence_t2i.TINY_LUMINA2_LENGTH}
+TEXT_LENGTH = {"lumina2": convergence_t2i.TINY_LUMINA2_LENGTH, "zimage": convergence_t2i.TINY_ZIMAGE_LENGTH}
 # Transformer calls per sampling step: Lumina2Pipeline and WanPipeline run the conditional and unconditional branches
 # separately.
 CALLS_PER_STEP = {"lumina2": 2, "wan": 2}
@@ -96,13 +98,14 @@ def sample_recording(family, folder):
     import diffusers
 
     pipe = getattr(diffusers, PIPELINE_CLASS[family]).from_pretrained(folder)
-    calls = []
+    calls = []  # every call's arguments by name (Z-Image's pipeline passes them positionally; its prompt list is
+    # templated in place: a copy of PROMPTS)
+    signature = inspect.signature(pipe.transformer.forward)
     pipe.transformer.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append({**kwargs, "hidden_states": args[0] if args else
-                                                   kwargs["hidden_states"]}), with_kwargs=True)
+        lambda module, args, kwargs: calls.append(dict(signature.bind(*args, **kwargs).arguments)), with_kwargs=True)
     kwargs = {"sana": {"use_resolution_binning": False},  # its bins start at 512 px
               "wan": {"num_frames": 1}}.get(family, {})  # an image: a 1-frame video
-    out = pipe(prompt=PROMPTS, height=RESOLUTION[family], width=RESOLUTION[family], num_inference_steps=2,
+    out = pipe(prompt=list(PROMPTS), height=RESOLUTION[family], width=RESOLUTION[family], num_inference_steps=2,
                guidance_scale=2.0, max_sequence_length=TEXT_LENGTH.get(family, 16), output_type="np",
                generator=torch.Generator().manual_seed(0), **kwargs)
     return pipe, out.frames[:, 0] if family == "wan" else out.images, calls
@@ -140,7 +143,9 @@ def test_pipeline_feeds_the_transformer_what_training_does(assets, stage1, famil
     pipe, _, calls = sample_recording(family, stage1[family])
     sigmas = pipe.scheduler.sigmas[:2].repeat_interleave(CALLS_PER_STEP.get(family, 1))
     assert len(calls) == len(sigmas)
+    time_argument = "t" if family == "zimage" else "timestep"
     for call, sigma in zip(calls, sigmas):
+        call["timestep"] = call[time_argument]
         expected = model_timestep(pipe.transformer, sigma.reshape(1)).expand(call["timestep"].shape)
         # DPM-Solver's and UniPC's timesteps are integers (truncated)
         tolerance = {"sana": pipe.transformer.config.get("timestep_scale"), "wan": 1.0}.get(family, 1e-6)
@@ -151,7 +156,13 @@ def test_pipeline_feeds_the_transformer_what_training_does(assets, stage1, famil
     first = calls[0]
     side = RESOLUTION[family] // t2i.T.vae_downsample_factor(pipe.vae)
     n, c, h, w = 2, pipe.transformer.config.in_channels // (4 if family == "flux" else 1), side, side
-    if family == "wan":  # [caption] then [empty prompt] calls; 1-frame video latents
+    if family == "zimage":  # one CFG call: per-sample lists [captions, empty prompts] of unpadded features
+        assert len(first["cap_feats"]) == len(first["x"]) == 2 * n
+        for got, want in zip(first["cap_feats"], caps["cap_feats"] + null["cap_feats"] * n):
+            torch.testing.assert_close(got, want)
+        assert len({f.shape[0] for f in caps["cap_feats"]}) == 2  # each caption its own length
+        assert all(x.shape == (c, 1, h, w) for x in first["x"])
+    elif family == "wan":  # [caption] then [empty prompt] calls; 1-frame video latents
         torch.testing.assert_close(first["encoder_hidden_states"], caps["encoder_hidden_states"])
         torch.testing.assert_close(calls[1]["encoder_hidden_states"], null["encoder_hidden_states"].expand(2, -1, -1))
         assert first["hidden_states"].shape == (n, c, 1, h, w)
@@ -187,7 +198,7 @@ def test_pipeline_feeds_the_transformer_what_training_does(assets, stage1, famil
         assert t2i.parse_args(run_flags(assets, family, assets / "unused", stage=1)).flux_guidance_scale == default
 
 
-@pytest.mark.parametrize("family", ("flux", "lumina2", "wan"))
+@pytest.mark.parametrize("family", ("flux", "lumina2", "wan", "zimage"))
 def test_stage1_resumes_exactly(assets, stage1, tmp_path, family):
     """Stopped at checkpoint 2 and resumed: the same losses (alignment term included) and final weights (transformer,
     EMA, the modulated head: Flux's on packed tokens, Lumina 2's on its time embedding) as the straight run."""

@@ -28,7 +28,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..models.block_features import BlockFeatures, model_timestep
+from ..models.block_features import BlockFeatures, model_inputs, model_timestep
 from ..models.projector import DEFAULT_PROJECTOR_DIM, AlignmentProjector
 from .common import (
     DEFAULT_T_RANGE,
@@ -126,7 +126,9 @@ class PromptConditionalGuide:
         if not null_conditioning:
             raise ValueError("A diffusers guiding model needs `null_conditioning`: the empty prompt's conditioning "
                              "(e.g. {'encoder_hidden_states': ..., 'pooled_projections': ...}, batch 1).")
-        self.null_conditioning = {k: torch.as_tensor(v) for k, v in null_conditioning.items()}
+        # per-sample lists (Z-Image's unpadded `cap_feats`) stay lists
+        self.null_conditioning = {k: list(v) if isinstance(v, (list, tuple)) else torch.as_tensor(v)
+                                  for k, v in null_conditioning.items()}
         self.features = BlockFeatures(teacher)
         self.teacher = teacher
 
@@ -143,11 +145,15 @@ class PromptConditionalGuide:
                  model_kwargs: Optional[Mapping[str, Any]] = None, **unused) -> torch.Tensor:
         kwargs = dict(model_kwargs or {})
         for name, cond in conditioning.items():
-            kwargs[name] = torch.cat([cond, _broadcast_null(name, cond, self.null_conditioning[name])])
+            null = self.null_conditioning[name]
+            if isinstance(cond, (list, tuple)):  # per-sample lists: the captions', then the empty prompt's
+                kwargs[name] = list(cond) + [null[0].to(cond[0].device, cond[0].dtype)] * len(cond)
+            else:
+                kwargs[name] = torch.cat([cond, _broadcast_null(name, cond, null)])
         for name, value in (shared_kwargs or {}).items():
             kwargs[name] = torch.cat([value, value])
-        timestep = model_timestep(teacher, t2)
-        return self.features(x_t2, timestep=timestep, stop_at_layer=layer, **kwargs).hidden_states[layer]
+        # the family's latent and time arguments (Z-Image: per-sample latent lists and `t`)
+        return self.features(**model_inputs(teacher, x_t2, t2), stop_at_layer=layer, **kwargs).hidden_states[layer]
 
     def close(self) -> None:
         self.features.close()
