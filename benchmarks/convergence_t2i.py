@@ -64,6 +64,9 @@ WAN_LATENTS_MEAN = (0.1, -0.1, 0.05, 0.0)
 WAN_LATENTS_STD = (1.5, 0.8, 1.2, 1.0)
 # Z-Image's text side: a random Qwen3 behind a chat template (character-level tokenizer), its token budget.
 TINY_ZIMAGE_LENGTH = 96
+# Flux.2 [klein]'s text side: the hidden states of Qwen3 layers 9, 18 and 27 (Flux2KleinPipeline's default), stacked.
+TINY_FLUX2_LENGTH = 64
+FLUX2_TEXT_LAYERS = 27
 ZIMAGE_CHAT_TEMPLATE = ("{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} "
                         "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}")
 # Flux's VAE latent normalisation (FLUX.1's `AutoencoderKL` config): x0 = (z - shift) * scale.
@@ -207,14 +210,30 @@ def umt5_encoder(vocab_size: int, seed: int):
         decoder_start_token_id=0)).eval()
 
 
-def qwen3_encoder(vocab_size: int, seed: int):
-    from transformers import Qwen3Config, Qwen3Model
+def qwen3_encoder(vocab_size: int, seed: int, layers: int = TINY_TEXT_LAYERS, causal_lm: bool = False):
+    """A random tiny Qwen3 (Z-Image's `Qwen3Model`; Flux.2 [klein]'s `Qwen3ForCausalLM`, as deep as the layers it
+    reads)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     torch.manual_seed(seed)
-    return Qwen3Model(Qwen3Config(
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(Qwen3Config(
         vocab_size=vocab_size, hidden_size=TINY_GEMMA_WIDTH, intermediate_size=2 * TINY_GEMMA_WIDTH,
-        num_hidden_layers=TINY_TEXT_LAYERS, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-        max_position_embeddings=TINY_ZIMAGE_LENGTH, pad_token_id=0)).eval()
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        max_position_embeddings=max(TINY_ZIMAGE_LENGTH, TINY_FLUX2_LENGTH), pad_token_id=0)).eval()
+
+
+def tiny_flux2_vae(latent_channels: int = 4, sample_size: int = 16):
+    """A random tiny `AutoencoderKLFlux2` (2x down) whose BatchNorm over the 2x2-patchified latents holds running
+    statistics away from (0, 1), so the pipeline's normalisation matters."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels,
+                             layers_per_block=1, norm_num_groups=8, sample_size=sample_size)
+    vae.bn.running_mean.copy_(torch.linspace(-0.2, 0.2, vae.bn.num_features))
+    vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.num_features))
+    return vae
 
 
 def tiny_dc_vae(latent_channels: int = 4):
@@ -266,7 +285,12 @@ def tiny_transformer_config(family: str, latent_side: int, latent_channels: int 
                     n_layers=num_layers, n_refiner_layers=1, n_heads=heads, n_kv_heads=heads,
                     cap_feat_dim=TINY_GEMMA_WIDTH, axes_dims=[head_dim // 2, head_dim // 4, head_dim // 4],
                     axes_lens=[TINY_ZIMAGE_LENGTH + 64, 32, 32])
-    raise ValueError(f"No tiny config for {family!r} (sd3, pixart, sana, flux, lumina2, wan, zimage).")
+    if family == "flux2":  # packed 2x2-patchified latents; 1 double-stream block, the rest single-stream
+        return dict(patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=num_layers - 1,
+                    attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=3 * TINY_GEMMA_WIDTH,
+                    timestep_guidance_channels=32, mlp_ratio=2.0, axes_dims_rope=(head_dim // 4,) * 4,
+                    guidance_embeds=False)
+    raise ValueError(f"No tiny config for {family!r} (sd3, pixart, sana, flux, lumina2, wan, zimage, flux2).")
 
 
 def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_config=None, seed: int = 0) -> Path:
@@ -275,7 +299,8 @@ def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_c
     `FluxPipeline` ("flux": CLIP-L without projection, T5, guidance-embedded transformer), `Lumina2Pipeline`
     ("lumina2": Gemma 2, an 8x `AutoencoderKL` with scale and shift; sample it at `LUMINA2_RESOLUTION`) or `WanPipeline`
     ("wan": UMT5, `AutoencoderKLWan`, flow UniPC; 1-frame videos at `WAN_RESOLUTION`) or `ZImagePipeline` ("zimage":
-    Qwen3 behind a chat template, FLUX.1's VAE factors, per-sample caption lists) with character-level tokenizers
+    Qwen3 behind a chat template, FLUX.1's VAE factors, per-sample caption lists) or `Flux2KleinPipeline` ("flux2":
+    a 27-layer Qwen3, `AutoencoderKLFlux2` with BatchNorm statistics) with character-level tokenizers
     into `folder`, loadable offline by `<Pipeline>.from_pretrained(folder)`."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -288,6 +313,8 @@ def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_c
         return _write_tiny_wan_pipeline(folder, vae, transformer_config, seed)
     if family == "zimage":
         return _write_tiny_zimage_pipeline(folder, vae, transformer_config, seed)
+    if family == "flux2":
+        return _write_tiny_flux2_pipeline(folder, vae, transformer_config, seed)
     if vae is None:
         vae = tiny_flux_vae() if family == "flux" else tiny_vae()
     if family == "sd3" and vae.config.shift_factor is None:
@@ -318,7 +345,7 @@ def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_c
             text_encoder=clip_encoder(len(tok), seed + 1, projection=False), tokenizer=tok,
             text_encoder_2=t5, tokenizer_2=t5_tok)
     else:
-        raise ValueError(f"No tiny pipeline for {family!r} (sd3, pixart, sana, flux, lumina2, wan, zimage).")
+        raise ValueError(f"No tiny pipeline for {family!r} (sd3, pixart, sana, flux, lumina2, wan, zimage, flux2).")
     pipe.save_pretrained(folder)
     return Path(folder)
 
@@ -388,6 +415,25 @@ def _write_tiny_zimage_pipeline(folder, vae=None, transformer_config=None, seed:
     pipe = diffusers.ZImagePipeline(transformer=diffusers.ZImageTransformer2DModel(**config),
                                     scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                     text_encoder=qwen3_encoder(len(tok), seed + 7), tokenizer=tok)
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+def _write_tiny_flux2_pipeline(folder, vae=None, transformer_config=None, seed: int = 0) -> Path:
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    vae = vae if vae is not None else tiny_flux2_vae()
+    latent_side = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    config = transformer_config or tiny_transformer_config("flux2", latent_side, vae.config.latent_channels)
+    tok = gemma_tokenizer(TINY_FLUX2_LENGTH)  # character-level, right-padded, with a chat template (Qwen3's role)
+    tok.padding_side = "right"
+    tok.chat_template = ZIMAGE_CHAT_TEMPLATE
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)  # Flux.2: an empirical mu
+    torch.manual_seed(seed)
+    pipe = diffusers.Flux2KleinPipeline(
+        transformer=diffusers.Flux2Transformer2DModel(**config), scheduler=scheduler, vae=vae,
+        text_encoder=qwen3_encoder(len(tok), seed + 8, layers=FLUX2_TEXT_LAYERS, causal_lm=True), tokenizer=tok)
     pipe.save_pretrained(folder)
     return Path(folder)
 

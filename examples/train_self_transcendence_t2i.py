@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
-"""Self-Transcendence text-to-image on diffusers' transformers (SD3, PixArt, Sana, Flux, Lumina 2, Wan, Z-Image).
+"""Self-Transcendence text-to-image on diffusers' transformers (SD3, PixArt, Sana, Flux(.2), Lumina 2, Wan, Z-Image).
 
 One script, both stages (the released T2I setting, method-notes §3.4, `train_t2i_vaeloss.sh` and
 `train_t2i_self_trans.sh`):
@@ -28,8 +28,10 @@ The pipeline named by `--pretrained_model_name_or_path` provides the VAE, the fr
 embeddings are the pipeline's own `encode_prompt` (what its `__call__` uses at inference; Sana: the captions prefixed
 with SanaPipeline's default complex human instruction, the empty prompt not, as its `__call__` does; Lumina 2: the
 captions behind its system prompt, the empty prompt not, with Gemma's right-padded mask; Z-Image: Qwen3 features of
-the chat-templated captions, each caption's unpadded tokens, as per-sample lists). Wan (video) trains on images
-as 1-frame videos: latents (N, C, 1, H, W) normalised by the VAE's `latents_mean` / `latents_std`. Time follows our
+the chat-templated captions, each caption's unpadded tokens, as per-sample lists; Flux.2 [klein]: Qwen3 layers 9, 18
+and 27 stacked). Flux.2 trains on the tokens of its 2x2-patchified latents normalised by the VAE's BatchNorm
+statistics, with its (t, h, w, l) ids. Wan (video) trains on images as 1-frame videos: latents (N, C, 1, H, W)
+normalised by the VAE's `latents_mean` / `latents_std`. Time follows our
 convention (x_t = (1 - t) x0 + t eps, data at t = 0, `Transport`), converted to each model's `timestep` with
 `model_timestep`. `--output_dir` ends as the matching diffusers pipeline folder with the EMA transformer (Sana: sample
 it with `use_resolution_binning=False` unless its transformer's `sample_size` is one of SanaPipeline's bins).
@@ -94,6 +96,7 @@ PIPELINES = {
     "Lumina2Pipeline": ("lumina2", "Lumina2Transformer2DModel", 256),
     "WanPipeline": ("wan", "WanTransformer3DModel", 512),  # video: images train as 1-frame videos
     "ZImagePipeline": ("zimage", "ZImageTransformer2DModel", 512),
+    "Flux2KleinPipeline": ("flux2", "Flux2Transformer2DModel", 512),  # Flux.2 [klein]: Qwen3 text
 }
 # Families whose caption features are per-sample lists of unpadded (L_i, D) tensors (Z-Image's `cap_feats`).
 LIST_CONDITIONING = ("zimage",)
@@ -126,9 +129,9 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0])
     g = parser.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=False, default=None,
-                   help="A diffusers SD3 / PixArt-Sigma / Sana / Flux / Lumina 2 / Wan / Z-Image pipeline folder "
-                        "or Hub id: VAE, text encoders "
-                        "and tokenizers from its subfolders, and its transformer unless --transformer_config is given.")
+                   help="A diffusers SD3 / PixArt-Sigma / Sana / Flux / Flux.2 [klein] / Lumina 2 / Wan / Z-Image "
+                        "pipeline folder or Hub id: VAE, text encoders and tokenizers from its subfolders, and its "
+                        "transformer unless --transformer_config is given.")
     g.add_argument("--revision", type=str, default=None)
     g.add_argument("--transformer_config", type=str, default=None,
                    help="A transformer config JSON of the pipeline's transformer class: train from scratch.")
@@ -265,6 +268,10 @@ def encode_captions(family: str, text_pipe, captions, device, max_sequence_lengt
             embeds, _ = text_pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False,
                                                 max_sequence_length=max_sequence_length)
             return {"cap_feats": list(embeds)}
+        if family == "flux2":  # Qwen3 hidden states of several layers, stacked (the pipeline's default layers)
+            embeds, _ = text_pipe.encode_prompt(prompt=captions, device=device,
+                                                max_sequence_length=max_sequence_length)
+            return {"encoder_hidden_states": embeds}
     raise ValueError(f"Unknown family {family!r}.")
 
 
@@ -384,6 +391,8 @@ def prompt_embedding_kwargs(family: str, cond: dict, null: dict) -> dict:
         return {"prompt_embeds": cond["encoder_hidden_states"], "negative_prompt_embeds": neg["encoder_hidden_states"]}
     if family == "zimage":
         return {"prompt_embeds": cond["cap_feats"], "negative_prompt_embeds": neg["cap_feats"]}
+    if family == "flux2":
+        return {"prompt_embeds": cond["encoder_hidden_states"], "negative_prompt_embeds": neg["encoder_hidden_states"]}
     if family == "lumina2":
         return {"prompt_embeds": cond["encoder_hidden_states"], "prompt_attention_mask": cond["encoder_attention_mask"],
                 "negative_prompt_embeds": neg["encoder_hidden_states"],
@@ -424,11 +433,21 @@ def static_kwargs(family: str, transformer, latents_shape, device, dtype, num_te
 
         img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, device, dtype)
         return {"img_ids": img_ids, "txt_ids": torch.zeros(num_text_tokens, 3, device=device, dtype=dtype)}
+    if family == "flux2":  # Flux2 pipelines' (t, h, w, l) ids of the 2x2-patchified grid and of the text tokens
+        from diffusers import Flux2KleinPipeline as F2
+
+        return {"img_ids": F2._prepare_latent_ids(torch.zeros(n, 1, h // 2, w // 2)).to(device),
+                "txt_ids": F2._prepare_text_ids(torch.zeros(n, num_text_tokens, 1)).to(device)}
     return {}
 
 
 def pack(family: str, latents: torch.Tensor) -> torch.Tensor:
-    """Flux trains on packed 2x2 latent tokens (N, HW/4, 4C), as its pipeline samples them; the others on the grid."""
+    """Flux trains on packed 2x2 latent tokens (N, HW/4, 4C), as its pipeline samples them (Flux.2: the tokens of its
+    encoder's already 2x2-patchified grid); the others on the grid."""
+    if family == "flux2":
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline._pack_latents(latents)
     if family != "flux":
         return latents
     from diffusers import FluxPipeline
@@ -620,7 +639,7 @@ def main(args=None):
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
     vae = text_pipe.vae
-    encoder = VideoLatentEncoder(vae) if family == "wan" else T.LatentEncoder(vae)
+    encoder = {"wan": VideoLatentEncoder, "flux2": Flux2LatentEncoder}.get(family, T.LatentEncoder)(vae)
     args.max_sequence_length = args.max_sequence_length or text_length
     text_identity = text_encoders_identity(family, text_pipe, args.max_sequence_length)
     embed = TextEmbeddings(family, text_pipe, accelerator.device, args.max_sequence_length,
@@ -650,7 +669,7 @@ def main(args=None):
     if family in ("sd3", "pixart") and sample_size is not None and sample_size < latent_side:
         raise ValueError(f"--resolution {args.resolution} gives {latent_side}x{latent_side} latents but the "
                          f"transformer's sample_size is {sample_size}.")
-    if family == "flux" and latent_side % 2:  # FluxPipeline packs 2x2 latent patches
+    if family in ("flux", "flux2") and latent_side % 2:  # FluxPipeline packs 2x2 latent patches
         raise ValueError(f"--resolution {args.resolution} gives {latent_side}x{latent_side} latents; Flux packs 2x2 "
                          f"patches: use a multiple of {2 * T.vae_downsample_factor(vae)}.")
     if family == "sana" and args.resolution % 32:  # refused by SanaPipeline, i.e. by the previews and the export's use
@@ -760,7 +779,7 @@ def main(args=None):
             drop = torch.rand(x0.shape[0], device=x0.device) < args.caption_dropout
             student_cond = drop_captions(cond, null, drop)
             teacher_cond = student_cond if args.teacher_captions == "dropped" else cond
-            n_text = cond["encoder_hidden_states"].shape[1] if family == "flux" else 0  # Flux's txt_ids
+            n_text = cond["encoder_hidden_states"].shape[1] if family in ("flux", "flux2") else 0  # their txt_ids
             static = static_kwargs(family, core, encoder_shape(batch, vae), x0.device, x0.dtype, n_text)
             shared = {}
             if family == "flux" and core.config.get("guidance_embeds"):
@@ -929,6 +948,26 @@ def encoder_shape(batch, vae):
     n, _, h, w = batch["pixel_values"].shape
     factor = T.vae_downsample_factor(vae)
     return n, vae.config.get("latent_channels") or vae.config.z_dim, h // factor, w // factor
+
+
+class Flux2LatentEncoder:
+    """Images -> Flux.2's normalised 2x2-patchified latents (N, 4C, H/2, W/2): a fresh posterior sample each step,
+    patchified and normalised by the VAE's BatchNorm running statistics (what Flux.2's pipelines undo to decode)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.mean = vae.bn.running_mean.detach().float().view(1, -1, 1, 1)
+        self.std = torch.sqrt(vae.bn.running_var.detach().float() + vae.config.batch_norm_eps).view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, batch, device) -> torch.Tensor:
+        from diffusers import Flux2KleinPipeline
+
+        if "latent_mean" in batch:
+            raise ValueError("Flux.2 trains from images (its latents are normalised after patchifying), not from "
+                             "cached latents.")
+        z = self.vae.encode(batch["pixel_values"].to(device, self.vae.dtype)).latent_dist.sample().float()
+        return (Flux2KleinPipeline._patchify_latents(z) - self.mean.to(device)) / self.std.to(device)
 
 
 class VideoLatentEncoder:

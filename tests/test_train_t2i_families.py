@@ -3,7 +3,7 @@ pipelines (issue 27, items 1, 2 and 5; `benchmarks/convergence_t2i.py`'s builder
 `AutoencoderDC` and flow DPM-Solver++; Flux with CLIP + T5, a shifted and scaled `AutoencoderKL`, packed 2x2 latent
 tokens and embedded guidance; Lumina 2 with a random Gemma 2 behind its system prompt, right-padded caption masks,
 reversed time; Wan with UMT5 and `AutoencoderKLWan`, images as 1-frame videos; Z-Image with Qwen3 and per-sample
-caption lists): stage 1
+caption lists; Flux.2 [klein] with stacked Qwen3 layers, BatchNorm-normalised 2x2-patchified latents, 4-D ids): stage 1
 then stage 2 on it, each output loaded into its diffusers pipeline and sampled, what the pipelines feed the
 transformer at sampling time against what the script trains on (time, text, ids, guidance), and an exact resume."""
 
@@ -25,18 +25,19 @@ import convergence_t2i  # noqa: E402  (the tiny pipeline builder)
 import train_self_transcendence_t2i as t2i  # noqa: E402
 from test_train_t2i import NUM_IMAGES, assert_same_weights, flags, read_losses, weights  # noqa: E402
 
-FAMILIES = ("sana", "flux", "lumina2", "wan", "zimage")
+FAMILIES = ("sana", "flux", "lumina2", "wan", "zimage", "flux2")
 PIPELINE_CLASS = {"sana": "SanaPipeline", "flux": "FluxPipeline", "lumina2": "Lumina2Pipeline",
-                  "wan": "WanPipeline", "zimage": "ZImagePipeline"}
+                  "wan": "WanPipeline", "zimage": "ZImagePipeline", "flux2": "Flux2KleinPipeline"}
 # SanaPipeline samples only sides divisible by 32 (its tiny AutoencoderDC: 4x down, 8 x 8 latents); Flux: 16 px;
 # Lumina2Pipeline: sides divisible by 16 with an 8x VAE (4 x 4 latents); WanPipeline: sides divisible by 16 (1 x 4 x 4).
 RESOLUTION = {"sana": convergence_t2i.SANA_RESOLUTION, "flux": 16, "lumina2": convergence_t2i.LUMINA2_RESOLUTION,
-              "wan": convergence_t2i.WAN_RESOLUTION, "zimage": 16}
+              "wan": convergence_t2i.WAN_RESOLUTION, "zimage": 16, "flux2": 16}
 # Text tokens: 16, except Lumina 2 whose system prompt alone is ~180 characters (character-level tokenizer)
-TEXT_LENGTH = {"lumina2": convergence_t2i.TINY_LUMINA2_LENGTH, "zimage": convergence_t2i.TINY_ZIMAGE_LENGTH}
+TEXT_LENGTH = {"lumina2": convergence_t2i.TINY_LUMINA2_LENGTH, "zimage": convergence_t2i.TINY_ZIMAGE_LENGTH,
+               "flux2": convergence_t2i.TINY_FLUX2_LENGTH}
 # Transformer calls per sampling step: Lumina2Pipeline and WanPipeline run the conditional and unconditional branches
 # separately.
-CALLS_PER_STEP = {"lumina2": 2, "wan": 2}
+CALLS_PER_STEP = {"lumina2": 2, "wan": 2, "flux2": 2}
 PROMPTS = ["a handwritten seven", "the digit 2"]
 
 
@@ -155,8 +156,17 @@ def test_pipeline_feeds_the_transformer_what_training_does(assets, stage1, famil
     null = t2i.encode_captions(family, pipe, [""], "cpu", length, negative=True)
     first = calls[0]
     side = RESOLUTION[family] // t2i.T.vae_downsample_factor(pipe.vae)
-    n, c, h, w = 2, pipe.transformer.config.in_channels // (4 if family == "flux" else 1), side, side
-    if family == "zimage":  # one CFG call: per-sample lists [captions, empty prompts] of unpadded features
+    n, c, h, w = 2, pipe.transformer.config.in_channels // (4 if family in ("flux", "flux2") else 1), side, side
+    if family == "flux2":  # [caption] then [empty prompt] calls on packed 2x2-patchified tokens, 4-D ids
+        torch.testing.assert_close(first["encoder_hidden_states"], caps["encoder_hidden_states"])
+        torch.testing.assert_close(calls[1]["encoder_hidden_states"], null["encoder_hidden_states"].expand(2, -1, -1))
+        x0 = t2i.pack(family, t2i.Flux2LatentEncoder(pipe.vae)(
+            {"pixel_values": torch.zeros(n, 3, RESOLUTION[family], RESOLUTION[family])}, "cpu"))
+        assert first["hidden_states"].shape == x0.shape == (n, h * w // 4, 4 * c)
+        static = t2i.static_kwargs(family, pipe.transformer, (n, c, h, w), "cpu", torch.float32, length)
+        assert torch.equal(first["img_ids"], static["img_ids"]) and torch.equal(first["txt_ids"], static["txt_ids"])
+        assert first["guidance"] is None
+    elif family == "zimage":  # one CFG call: per-sample lists [captions, empty prompts] of unpadded features
         assert len(first["cap_feats"]) == len(first["x"]) == 2 * n
         for got, want in zip(first["cap_feats"], caps["cap_feats"] + null["cap_feats"] * n):
             torch.testing.assert_close(got, want)
@@ -198,7 +208,7 @@ def test_pipeline_feeds_the_transformer_what_training_does(assets, stage1, famil
         assert t2i.parse_args(run_flags(assets, family, assets / "unused", stage=1)).flux_guidance_scale == default
 
 
-@pytest.mark.parametrize("family", ("flux", "lumina2", "wan", "zimage"))
+@pytest.mark.parametrize("family", ("flux", "lumina2", "wan", "zimage", "flux2"))
 def test_stage1_resumes_exactly(assets, stage1, tmp_path, family):
     """Stopped at checkpoint 2 and resumed: the same losses (alignment term included) and final weights (transformer,
     EMA, the modulated head: Flux's on packed tokens, Lumina 2's on its time embedding) as the straight run."""
