@@ -162,14 +162,15 @@ class LiveStorageTracker(TorchDispatchMode):
     def key_of(self, tensor: torch.Tensor) -> Optional[int]:
         return self._keys.get(tensor.untyped_storage())
 
-    def live_curve(self, exclude, start: str, end: str) -> Dict[str, int]:
-        """Live bytes of the storages not in `exclude` between two marks: at `start`, at `end`, and the peak."""
+    def live_curve(self, exclude, start: str, end: str, scale: Optional[Dict[int, float]] = None) -> Dict[str, int]:
+        """Live bytes of the storages not in `exclude` between two marks: at `start`, at `end`, and the peak.
+        `scale`: storage key -> factor its bytes count with (others count once), e.g. to resize some storages."""
         live, at_start, peak = 0, 0, None
         for i, (key, delta) in enumerate(self.events[: self.marks[end]]):
             if i == self.marks[start]:
                 at_start, peak = live, live
             if key not in exclude:
-                live += delta
+                live += delta if scale is None or key not in scale else delta * scale[key]
             if i >= self.marks[start]:
                 peak = max(peak, live)
         if peak is None:  # no event after `start`
@@ -450,7 +451,7 @@ def preset_configs(args) -> Dict[str, Dict[str, Any]]:
             for name in args.presets}
 
 
-def display_command(argv: List[str], output_dir: str) -> str:
+def display_command(argv: List[str], output_dir: str, script: str = "benchmarks/memory_table.py") -> str:
     """The command with `--output_dir` relative to the repository (or a placeholder): no absolute paths."""
     shown, skip = [], False
     for i, arg in enumerate(argv):
@@ -467,7 +468,7 @@ def display_command(argv: List[str], output_dir: str) -> str:
             continue
         rel = os.path.relpath(os.path.abspath(value), REPO_ROOT)
         shown += ["--output_dir", rel if not rel.startswith("..") else "<output_dir>"]
-    return "python " + " ".join(shlex.quote(a) for a in ["benchmarks/memory_table.py"] + shown)
+    return "python " + " ".join(shlex.quote(a) for a in [script] + shown)
 
 
 def measure_preset(name, config, args, projector_dim, batches, log) -> Dict[str, Any]:
