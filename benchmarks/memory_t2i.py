@@ -588,16 +588,7 @@ def probe_step(spec: Family, config: Dict[str, Any], stage: str, *, batch: int, 
         MT.cuda_autocast_layer_norm(teacher)
 
     tracker = WeightCopyTracker(scales)
-    model.register_forward_hook(lambda *unused: tracker.mark("student_end"))  # after autocast's region ends
-    guiding = getattr(method, "guiding_features", None)
-    if guiding is not None:
-        def tracked_guiding(*args, **kwargs):
-            tracker.mark("teacher_start")
-            try:
-                return guiding(*args, **kwargs)
-            finally:
-                tracker.mark("teacher_end")
-        method.guiding_features = tracked_guiding
+    MT.mark_student_and_teacher(model, method, tracker)
 
     start = time.perf_counter()
     with tracker:
@@ -669,7 +660,7 @@ def probe_step(spec: Family, config: Dict[str, Any], stage: str, *, batch: int, 
             fused_adamw_step_transient_per_param=(step_fused["peak"] - step_fused["start"]) / trainable,
             ema_step_transient_per_param=(step_ema["peak"] - step_ema["start"]) / student_params,
         )
-    if guiding is not None:
+    if "guiding_features" in vars(method):  # the marking wrapper refers back to the method: no reference cycle
         del method.guiding_features
     return result
 

@@ -214,6 +214,20 @@ def build_stage(stage: str, config: Dict[str, Any], projector_dim: int):
     return model, method, train_self_transcendence.compute_loss
 
 
+def mark_student_and_teacher(model, method, tracker) -> None:
+    """Marks on `tracker` when the student's forward ends and when the teacher's pass starts and ends."""
+    model.register_forward_hook(lambda *unused: tracker.mark("student_end"))  # after autocast's region ends
+    guiding = getattr(method, "guiding_features", None)
+    if guiding is not None:
+        def tracked_guiding(*args, **kwargs):
+            tracker.mark("teacher_start")
+            try:
+                return guiding(*args, **kwargs)
+            finally:
+                tracker.mark("teacher_end")
+        method.guiding_features = tracked_guiding
+
+
 def probe_step(config: Dict[str, Any], stage: str, *, batch: int, precision: str, checkpointing: bool,
                projector_dim: int, seed: int, optimizer_step: bool = False) -> Dict[str, Any]:
     """One training step of `stage` on `config`, tracked; returns bytes (see `LiveStorageTracker`).
@@ -252,16 +266,7 @@ def probe_step(config: Dict[str, Any], stage: str, *, batch: int, precision: str
             saved[key] = tracker.nbytes[key]
         return tensor
 
-    model.register_forward_hook(lambda *unused: tracker.mark("student_end"))  # after autocast's region ends
-    guiding = getattr(method, "guiding_features", None)
-    if guiding is not None:
-        def tracked_guiding(*args, **kwargs):
-            tracker.mark("teacher_start")
-            try:
-                return guiding(*args, **kwargs)
-            finally:
-                tracker.mark("teacher_end")
-        method.guiding_features = tracked_guiding
+    mark_student_and_teacher(model, method, tracker)
 
     start = time.perf_counter()
     with tracker:
@@ -326,8 +331,8 @@ def probe_step(config: Dict[str, Any], stage: str, *, batch: int, precision: str
             adamw_step_transient_per_param=(step_adam["peak"] - step_adam["start"]) / trainable,
             ema_step_transient_per_param=(step_ema["peak"] - step_ema["start"]) / student_params,
         )
-    if guiding is not None:
-        del method.guiding_features  # the wrapper refers back to the method: no reference cycle left behind
+    if "guiding_features" in vars(method):  # the marking wrapper refers back to the method: no reference cycle
+        del method.guiding_features
     return result
 
 

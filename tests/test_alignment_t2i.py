@@ -12,7 +12,7 @@ from diffusers_selftrans.alignment.common import (
 )
 from diffusers_selftrans.models.block_features import BlockFeatures, model_timestep
 from diffusers_selftrans.transport import interpolate, velocity_target
-from tiny_transformers import build, conditioning, latents, null_conditioning
+from tiny_transformers import block_output, build, conditioning, latents, null_conditioning
 
 SMALL_PROJ = 16  # projector width in tests (the real default is 2048)
 W = 5.0
@@ -23,20 +23,6 @@ def batch(family, n=3, seed=0):
     t = torch.linspace(0.1, 0.9, n)
     cond, static = conditioning(family, n)
     return dict(x0=x0, noise=noise, t=t, x_t=interpolate(x0, noise, t), target=velocity_target(x0, noise)), cond, static
-
-
-def block_output(model, layer, x, t, kwargs):
-    """Image tokens of `layer` from a plain full forward, captured by a hook registered here."""
-    blocks = list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
-    got = {}
-    handle = blocks[layer - 1].register_forward_hook(
-        lambda m, a, o: got.__setitem__("f", o[1] if isinstance(o, tuple) else o))
-    try:
-        with torch.no_grad():
-            model(x, timestep=model_timestep(model, t), **kwargs)
-    finally:
-        handle.remove()
-    return got["f"]
 
 
 def test_t2i_defaults_are_the_released_setting():

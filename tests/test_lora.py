@@ -21,7 +21,7 @@ from diffusers_selftrans.alignment import build_alignment  # noqa: E402
 from diffusers_selftrans.models.block_features import BlockFeatures, model_timestep  # noqa: E402
 from diffusers_selftrans.provenance import ProvenanceError, module_digest  # noqa: E402
 from diffusers_selftrans.transport import interpolate  # noqa: E402
-from tiny_transformers import build, conditioning, latents, null_conditioning  # noqa: E402
+from tiny_transformers import block_output, build, conditioning, latents, null_conditioning  # noqa: E402
 
 PIPELINES = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline,
              "pixart": diffusers.PixArtSigmaPipeline, "sana": diffusers.SanaPipeline}
@@ -57,20 +57,6 @@ def batch(family, seed=0):
     t = torch.tensor([0.3, 0.7])
     cond, static = conditioning(family, N)
     return interpolate(x0, noise, t), t, cond, static
-
-
-def block_output(model, layer, x, t, kwargs):
-    """Image tokens of `layer` from a plain full forward of `model`, through a hook registered here."""
-    blocks = list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
-    got = {}
-    handle = blocks[layer - 1].register_forward_hook(
-        lambda m, a, o: got.__setitem__("f", o[1] if isinstance(o, tuple) else o))
-    try:
-        with torch.no_grad():
-            model(x, timestep=model_timestep(model, t), **kwargs)
-    finally:
-        handle.remove()
-    return got["f"]
 
 
 def stage1_folder(tmp_path, family, base, seed=1, rank=4, alpha=8.0):

@@ -160,3 +160,20 @@ def null_conditioning(family, seed=2):
             mask[:, :2] = 1  # start and end tokens of an empty prompt
             cond[key] = mask
     return cond
+
+
+def block_output(model, layer, x, t, kwargs):
+    """Image tokens of `layer` from a plain full forward of `model`, through a hook registered here (independent of
+    BlockFeatures): the reference the loss tests compare with."""
+    from diffusers_selftrans.models.block_features import model_timestep
+
+    blocks = list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
+    got = {}
+    handle = blocks[layer - 1].register_forward_hook(
+        lambda m, a, o: got.__setitem__("f", o[1] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            model(x, timestep=model_timestep(model, t), **kwargs)
+    finally:
+        handle.remove()
+    return got["f"]
