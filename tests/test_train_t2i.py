@@ -33,7 +33,12 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("t2i_assets")
     for family in FAMILIES:
         convergence_t2i.write_tiny_t2i_pipeline(root / f"pipe_{family}", family)
-    data = root / "data"
+    write_captioned_images(root / "data")
+    return root
+
+
+def write_captioned_images(data):
+    """NUM_IMAGES 20 px noise images with digit captions, as an imagefolder with metadata.jsonl."""
     data.mkdir()
     rng = np.random.default_rng(0)
     rows = []
@@ -41,7 +46,6 @@ def assets(tmp_path_factory):
         Image.fromarray((rng.random((20, 20, 3)) * 255).astype("uint8")).save(data / f"{i}.png")
         rows.append(json.dumps({"file_name": f"{i}.png", "text": convergence_t2i.caption_for(i % 3, i)}))
     (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def flags(assets, family, output_dir, **extra):

@@ -8,14 +8,12 @@ then stage 2 on it, each output loaded into its diffusers pipeline and sampled, 
 transformer at sampling time against what the script trains on (time, text, ids, guidance), and an exact resume."""
 
 import inspect
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -23,7 +21,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import convergence_t2i  # noqa: E402  (the tiny pipeline builder)
 import train_self_transcendence_t2i as t2i  # noqa: E402
-from test_train_t2i import NUM_IMAGES, assert_same_weights, flags, read_losses, weights  # noqa: E402
+from test_train_t2i import (  # noqa: E402
+    assert_same_weights, flags, read_losses, weights, write_captioned_images)
 
 FAMILIES = ("sana", "flux", "lumina2", "wan", "zimage", "flux2")
 PIPELINE_CLASS = {"sana": "SanaPipeline", "flux": "FluxPipeline", "lumina2": "Lumina2Pipeline",
@@ -44,14 +43,7 @@ PROMPTS = ["a handwritten seven", "the digit 2"]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("t2i_family_assets")  # each family's pipeline: written by `run_flags` when used
-    data = root / "data"  # as test_train_t2i's: 20 px noise images, digit captions
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(NUM_IMAGES):
-        Image.fromarray((rng.random((20, 20, 3)) * 255).astype("uint8")).save(data / f"{i}.png")
-        rows.append(json.dumps({"file_name": f"{i}.png", "text": convergence_t2i.caption_for(i % 3, i)}))
-    (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    write_captioned_images(root / "data")  # as test_train_t2i's: 20 px noise images, digit captions
     return root
 
 
