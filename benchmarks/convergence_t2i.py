@@ -67,6 +67,11 @@ TINY_ZIMAGE_LENGTH = 96
 # Flux.2 [klein]'s text side: the hidden states of Qwen3 layers 9, 18 and 27 (Flux2KleinPipeline's default), stacked.
 TINY_FLUX2_LENGTH = 64
 FLUX2_TEXT_LAYERS = 27
+# Qwen-Image's text side: a random Qwen2.5-VL whose last hidden states QwenImagePipeline reads behind its prompt
+# template (the template's system part dropped: `prompt_template_encode_start_idx` tokens), its token budget; images
+# at 32 px through a tiny 8x `AutoencoderKLQwenImage` (2 x 2 packed tokens of 4 x 4 latents).
+TINY_QWENIMAGE_LENGTH = 64
+QWENIMAGE_RESOLUTION = 32
 ZIMAGE_CHAT_TEMPLATE = ("{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} "
                         "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}")
 # Flux's VAE latent normalisation (FLUX.1's `AutoencoderKL` config): x0 = (z - shift) * scale.
@@ -222,6 +227,63 @@ def qwen3_encoder(vocab_size: int, seed: int, layers: int = TINY_TEXT_LAYERS, ca
         max_position_embeddings=max(TINY_ZIMAGE_LENGTH, TINY_FLUX2_LENGTH), pad_token_id=0)).eval()
 
 
+def qwenimage_tokenizer(template: str, template_tokens: int, max_length: int = 2048):
+    """A byte-level BPE `Qwen2Tokenizer` built offline: single bytes (GPT-2's byte alphabet), `<|endoftext|>` (pad),
+    `<|im_start|>` and `<|im_end|>`, and merges that spell out each word of `template` (QwenImagePipeline's prompt
+    template) and nothing else. The template's system part is then `template_tokens` tokens, as with Qwen's own
+    tokenizer (what `prompt_template_encode_start_idx` drops), and a caption is almost one token per character."""
+    import re
+
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    split = Qwen2Tokenizer(vocab={specials[0]: 0}, merges=[]).backend_tokenizer.pre_tokenizer
+    merges = []
+    for part in re.split("|".join(map(re.escape, specials)), template.replace("{}", "")):
+        for word, _ in split.pre_tokenize_str(part):  # byte-level words: " image" is "\u0120image"
+            for k in range(2, len(word) + 1):
+                if word[:k] not in vocab:
+                    vocab[word[:k]] = len(vocab)
+                    merges.append((word[:k - 1], word[k - 1]))
+    vocab.update({token: len(vocab) + i for i, token in enumerate(specials)})
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    tok.add_special_tokens({"additional_special_tokens": list(specials[1:])})
+    system = template[:template.index("{}")]
+    if len(tok(system).input_ids) != template_tokens:
+        raise ValueError(f"The tiny Qwen2 tokenizer splits the template's system part into "
+                         f"{len(tok(system).input_ids)} tokens, not {template_tokens}.")
+    return tok
+
+
+def qwen25_vl_encoder(tokenizer, seed: int):
+    """A random tiny `Qwen2_5_VLForConditionalGeneration` (QwenImagePipeline's text encoder): a 2-layer text model
+    with multimodal RoPE sections and a 1-block vision tower (never called: the prompts are text)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=len(tokenizer), hidden_size=TINY_GEMMA_WIDTH, intermediate_size=2 * TINY_GEMMA_WIDTH,
+                num_hidden_layers=TINY_TEXT_LAYERS, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=4 * TINY_QWENIMAGE_LENGTH, bos_token_id=None,
+                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TINY_GEMMA_WIDTH,
+                  fullatt_block_indexes=[0])
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+
+
+def tiny_qwenimage_vae(latent_channels: int = 4):
+    """A random tiny `AutoencoderKLQwenImage` (Wan-style causal video VAE, 8x down in space) with per-channel latent
+    statistics away from (0, 1), so the pipeline's `latents_mean` / `latents_std` matter."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                  latents_mean=list(WAN_LATENTS_MEAN[:latent_channels]),
+                                  latents_std=list(WAN_LATENTS_STD[:latent_channels]))
+
+
 def tiny_flux2_vae(latent_channels: int = 4, sample_size: int = 16):
     """A random tiny `AutoencoderKLFlux2` (2x down) whose BatchNorm over the 2x2-patchified latents holds running
     statistics away from (0, 1), so the pipeline's normalisation matters."""
@@ -290,7 +352,12 @@ def tiny_transformer_config(family: str, latent_side: int, latent_channels: int 
                     attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=3 * TINY_GEMMA_WIDTH,
                     timestep_guidance_channels=32, mlp_ratio=2.0, axes_dims_rope=(head_dim // 4,) * 4,
                     guidance_embeds=False)
-    raise ValueError(f"No tiny config for {family!r} (sd3, pixart, sana, flux, lumina2, wan, zimage, flux2).")
+    if family == "qwenimage":  # packed 2x2 latent tokens (the pipeline packs them); Qwen2.5-VL text
+        return dict(patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=num_layers,
+                    attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=TINY_GEMMA_WIDTH,
+                    axes_dims_rope=(head_dim // 4, head_dim // 4, head_dim // 2))
+    raise ValueError(f"No tiny config for {family!r} (sd3, pixart, sana, flux, lumina2, wan, zimage, flux2, "
+                     f"qwenimage).")
 
 
 def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_config=None, seed: int = 0) -> Path:
@@ -300,8 +367,9 @@ def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_c
     ("lumina2": Gemma 2, an 8x `AutoencoderKL` with scale and shift; sample it at `LUMINA2_RESOLUTION`) or `WanPipeline`
     ("wan": UMT5, `AutoencoderKLWan`, flow UniPC; 1-frame videos at `WAN_RESOLUTION`) or `ZImagePipeline` ("zimage":
     Qwen3 behind a chat template, FLUX.1's VAE factors, per-sample caption lists) or `Flux2KleinPipeline` ("flux2":
-    a 27-layer Qwen3, `AutoencoderKLFlux2` with BatchNorm statistics) with character-level tokenizers
-    into `folder`, loadable offline by `<Pipeline>.from_pretrained(folder)`."""
+    a 27-layer Qwen3, `AutoencoderKLFlux2` with BatchNorm statistics) with character-level tokenizers, or
+    `QwenImagePipeline` ("qwenimage": Qwen2.5-VL behind its prompt template, `AutoencoderKLQwenImage`; sample it at
+    `QWENIMAGE_RESOLUTION`) into `folder`, loadable offline by `<Pipeline>.from_pretrained(folder)`."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -315,6 +383,8 @@ def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_c
         return _write_tiny_zimage_pipeline(folder, vae, transformer_config, seed)
     if family == "flux2":
         return _write_tiny_flux2_pipeline(folder, vae, transformer_config, seed)
+    if family == "qwenimage":
+        return _write_tiny_qwenimage_pipeline(folder, vae, transformer_config, seed)
     if vae is None:
         vae = tiny_flux_vae() if family == "flux" else tiny_vae()
     if family == "sd3" and vae.config.shift_factor is None:
@@ -345,7 +415,8 @@ def write_tiny_t2i_pipeline(folder, family: str = "sd3", vae=None, transformer_c
             text_encoder=clip_encoder(len(tok), seed + 1, projection=False), tokenizer=tok,
             text_encoder_2=t5, tokenizer_2=t5_tok)
     else:
-        raise ValueError(f"No tiny pipeline for {family!r} (sd3, pixart, sana, flux, lumina2, wan, zimage, flux2).")
+        raise ValueError(f"No tiny pipeline for {family!r} (sd3, pixart, sana, flux, lumina2, wan, zimage, flux2, "
+                         f"qwenimage).")
     pipe.save_pretrained(folder)
     return Path(folder)
 
@@ -434,6 +505,29 @@ def _write_tiny_flux2_pipeline(folder, vae=None, transformer_config=None, seed: 
     pipe = diffusers.Flux2KleinPipeline(
         transformer=diffusers.Flux2Transformer2DModel(**config), scheduler=scheduler, vae=vae,
         text_encoder=qwen3_encoder(len(tok), seed + 8, layers=FLUX2_TEXT_LAYERS, causal_lm=True), tokenizer=tok)
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+def _write_tiny_qwenimage_pipeline(folder, vae=None, transformer_config=None, seed: int = 0) -> Path:
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    vae = vae if vae is not None else tiny_qwenimage_vae()
+    latent_side = QWENIMAGE_RESOLUTION // vae.spatial_compression_ratio
+    config = transformer_config or tiny_transformer_config("qwenimage", latent_side, vae.config.z_dim)
+    # the pipeline's own prompt template and the number of its tokens it drops (its __init__ sets both)
+    template = diffusers.QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                           transformer=None)
+    tok = qwenimage_tokenizer(template.prompt_template_encode, template.prompt_template_encode_start_idx)
+    # Qwen-Image's scheduler: resolution-dependent exponential time shift, sigmas stretched to end at 0.02
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+    torch.manual_seed(seed)
+    pipe = diffusers.QwenImagePipeline(
+        transformer=diffusers.QwenImageTransformer2DModel(**config), scheduler=scheduler, vae=vae,
+        text_encoder=qwen25_vl_encoder(tok, seed + 9), tokenizer=tok)
     pipe.save_pretrained(folder)
     return Path(folder)
 

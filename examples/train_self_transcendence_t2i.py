@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 # Copyright 2026 The diffusers-selftrans authors. Apache-2.0.
-"""Self-Transcendence text-to-image on diffusers' transformers (SD3, PixArt, Sana, Flux(.2), Lumina 2, Wan, Z-Image).
+"""Self-Transcendence text-to-image on diffusers' transformers (SD3, PixArt, Sana, Flux(.2), Lumina 2, Wan, Z-Image,
+Qwen-Image).
 
 One script, both stages (the released T2I setting, method-notes §3.4, `train_t2i_vaeloss.sh` and
 `train_t2i_self_trans.sh`):
@@ -29,12 +30,15 @@ embeddings are the pipeline's own `encode_prompt` (what its `__call__` uses at i
 with SanaPipeline's default complex human instruction, the empty prompt not, as its `__call__` does; Lumina 2: the
 captions behind its system prompt, the empty prompt not, with Gemma's right-padded mask; Z-Image: Qwen3 features of
 the chat-templated captions, each caption's unpadded tokens, as per-sample lists; Flux.2 [klein]: Qwen3 layers 9, 18
-and 27 stacked). Flux.2 trains on the tokens of its 2x2-patchified latents normalised by the VAE's BatchNorm
-statistics, with its (t, h, w, l) ids. Wan (video) trains on images as 1-frame videos: latents (N, C, 1, H, W)
-normalised by the VAE's `latents_mean` / `latents_std`. Time follows our
-convention (x_t = (1 - t) x0 + t eps, data at t = 0, `Transport`), converted to each model's `timestep` with
-`model_timestep`. `--output_dir` ends as the matching diffusers pipeline folder with the EMA transformer (Sana: sample
-it with `use_resolution_binning=False` unless its transformer's `sample_size` is one of SanaPipeline's bins).
+and 27 stacked; Qwen-Image: the last Qwen2.5-VL hidden states of its templated captions without the template's system
+part, zero-padded to `--max_sequence_length` with the padding mask the pipeline passes). Flux.2 trains on the tokens of
+its 2x2-patchified latents normalised by the VAE's BatchNorm statistics, with its (t, h, w, l) ids. Wan (video) trains
+on images as 1-frame videos: latents (N, C, 1, H, W) normalised by the VAE's `latents_mean` / `latents_std`;
+Qwen-Image on the same 1-frame latents of its `AutoencoderKLQwenImage`, packed 2x2 as Flux's, with the pipeline's
+`img_shapes`. Time follows our convention (x_t = (1 - t) x0 + t eps, data at t = 0, `Transport`), converted to each
+model's `timestep` with `model_timestep`. `--output_dir` ends as the matching diffusers pipeline folder with the EMA
+transformer (Sana: sample it with `use_resolution_binning=False` unless its transformer's `sample_size` is one of
+SanaPipeline's bins).
 
 Images and captions come through the SiT scripts' data stream (`TrainDataStream`, the flags of `cli.add_data_args`):
 the same decoding and skip limit for broken images, sharding by process and exact resume. Of several captions per
@@ -97,6 +101,8 @@ PIPELINES = {
     "WanPipeline": ("wan", "WanTransformer3DModel", 512),  # video: images train as 1-frame videos
     "ZImagePipeline": ("zimage", "ZImageTransformer2DModel", 512),
     "Flux2KleinPipeline": ("flux2", "Flux2Transformer2DModel", 512),  # Flux.2 [klein]: Qwen3 text
+    # Qwen2.5-VL text; its `__call__` passes max_sequence_length=512 to `encode_prompt` (whose own default is 1024)
+    "QwenImagePipeline": ("qwenimage", "QwenImageTransformer2DModel", 512),
 }
 # Families whose caption features are per-sample lists of unpadded (L_i, D) tensors (Z-Image's `cap_feats`).
 LIST_CONDITIONING = ("zimage",)
@@ -129,9 +135,9 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0])
     g = parser.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=False, default=None,
-                   help="A diffusers SD3 / PixArt-Sigma / Sana / Flux / Flux.2 [klein] / Lumina 2 / Wan / Z-Image "
-                        "pipeline folder or Hub id: VAE, text encoders and tokenizers from its subfolders, and its "
-                        "transformer unless --transformer_config is given.")
+                   help="A diffusers SD3 / PixArt-Sigma / Sana / Flux / Flux.2 [klein] / Lumina 2 / Wan / Z-Image / "
+                        "Qwen-Image pipeline folder or Hub id: VAE, text encoders and tokenizers from its subfolders, "
+                        "and its transformer unless --transformer_config is given.")
     g.add_argument("--revision", type=str, default=None)
     g.add_argument("--transformer_config", type=str, default=None,
                    help="A transformer config JSON of the pipeline's transformer class: train from scratch.")
@@ -272,7 +278,24 @@ def encode_captions(family: str, text_pipe, captions, device, max_sequence_lengt
             embeds, _ = text_pipe.encode_prompt(prompt=captions, device=device,
                                                 max_sequence_length=max_sequence_length)
             return {"encoder_hidden_states": embeds}
+        if family == "qwenimage":  # Qwen2.5-VL behind the prompt template, padded to the batch's longest caption
+            embeds, mask = text_pipe.encode_prompt(captions, device=device, max_sequence_length=max_sequence_length)
+            return pad_text(embeds, mask, max_sequence_length)
     raise ValueError(f"Unknown family {family!r}.")
+
+
+def pad_text(embeds: torch.Tensor, mask, length: int) -> dict:
+    """QwenImagePipeline's caption embeddings (zero past each caption's tokens, padded to the batch's longest; its
+    mask `None` when no caption is padded) zero-padded to a fixed `length` with the matching mask, so a caption's
+    embeddings do not depend on its batch (cached one per caption, dropped to the empty prompt's row by row). The
+    padding is masked out of the joint attention and the text RoPE positions of the real tokens stay 0..L-1: the
+    transformer's image output is the same at either length."""
+    n, tokens, _ = embeds.shape
+    if mask is None:
+        mask = torch.ones(n, tokens, dtype=torch.long, device=embeds.device)
+    pad = length - tokens
+    return {"encoder_hidden_states": torch.nn.functional.pad(embeds, (0, 0, 0, pad)),
+            "encoder_hidden_states_mask": torch.nn.functional.pad(mask, (0, pad))}
 
 
 def as_float(cond: dict) -> dict:
@@ -393,6 +416,11 @@ def prompt_embedding_kwargs(family: str, cond: dict, null: dict) -> dict:
         return {"prompt_embeds": cond["cap_feats"], "negative_prompt_embeds": neg["cap_feats"]}
     if family == "flux2":
         return {"prompt_embeds": cond["encoder_hidden_states"], "negative_prompt_embeds": neg["encoder_hidden_states"]}
+    if family == "qwenimage":  # CFG (`true_cfg_scale`) from the negative embeddings, not a `negative_prompt`
+        return {"prompt_embeds": cond["encoder_hidden_states"],
+                "prompt_embeds_mask": cond["encoder_hidden_states_mask"], "negative_prompt": None,
+                "negative_prompt_embeds": neg["encoder_hidden_states"],
+                "negative_prompt_embeds_mask": neg["encoder_hidden_states_mask"]}
     if family == "lumina2":
         return {"prompt_embeds": cond["encoder_hidden_states"], "prompt_attention_mask": cond["encoder_attention_mask"],
                 "negative_prompt_embeds": neg["encoder_hidden_states"],
@@ -438,16 +466,24 @@ def static_kwargs(family: str, transformer, latents_shape, device, dtype, num_te
 
         return {"img_ids": F2._prepare_latent_ids(torch.zeros(n, 1, h // 2, w // 2)).to(device),
                 "txt_ids": F2._prepare_text_ids(torch.zeros(n, num_text_tokens, 1)).to(device)}
+    if family == "qwenimage":  # QwenImagePipeline's (frame, h, w) of the packed grid, per sample, for the RoPE
+        return {"img_shapes": [[(1, h // 2, w // 2)]] * n}
     return {}
 
 
 def pack(family: str, latents: torch.Tensor) -> torch.Tensor:
     """Flux trains on packed 2x2 latent tokens (N, HW/4, 4C), as its pipeline samples them (Flux.2: the tokens of its
-    encoder's already 2x2-patchified grid); the others on the grid."""
+    encoder's already 2x2-patchified grid; Qwen-Image: those of its 1-frame latents (N, C, 1, H, W), packed as
+    QwenImagePipeline packs them); the others on the grid."""
     if family == "flux2":
         from diffusers import Flux2KleinPipeline
 
         return Flux2KleinPipeline._pack_latents(latents)
+    if family == "qwenimage":
+        from diffusers import QwenImagePipeline
+
+        latents = latents.squeeze(2)  # the frame axis (one frame)
+        return QwenImagePipeline._pack_latents(latents, *latents.shape)
     if family != "flux":
         return latents
     from diffusers import FluxPipeline
@@ -573,6 +609,9 @@ def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema,
     if family == "flux":  # FluxPipeline: `guidance_scale` is the embedded guidance (as trained), CFG `true_cfg_scale`
         kwargs.update(guidance_scale=args.flux_guidance_scale, true_cfg_scale=args.validation_guidance_scale,
                       negative_prompt=[""] * len(prompts))
+    if family == "qwenimage":  # QwenImagePipeline: CFG is `true_cfg_scale` with a negative prompt (no guidance input)
+        kwargs.update(guidance_scale=None, true_cfg_scale=args.validation_guidance_scale,
+                      negative_prompt=[""] * len(prompts))
     if embed is not None:  # the text encoders were freed: the prompts' cached embeddings
         kwargs.update(prompt_embedding_kwargs(family, embed(prompts), null))
         prompts = None
@@ -639,7 +678,8 @@ def main(args=None):
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
     vae = text_pipe.vae
-    encoder = {"wan": VideoLatentEncoder, "flux2": Flux2LatentEncoder}.get(family, T.LatentEncoder)(vae)
+    encoder = {"wan": VideoLatentEncoder, "qwenimage": VideoLatentEncoder,
+               "flux2": Flux2LatentEncoder}.get(family, T.LatentEncoder)(vae)
     args.max_sequence_length = args.max_sequence_length or text_length
     text_identity = text_encoders_identity(family, text_pipe, args.max_sequence_length)
     embed = TextEmbeddings(family, text_pipe, accelerator.device, args.max_sequence_length,
@@ -676,6 +716,9 @@ def main(args=None):
         raise ValueError(f"--resolution {args.resolution}: SanaPipeline samples only sides divisible by 32.")
     if family == "zimage" and args.resolution % (2 * T.vae_downsample_factor(vae)):  # ZImagePipeline's check
         raise ValueError(f"--resolution {args.resolution}: ZImagePipeline samples only sides divisible by "
+                         f"{2 * T.vae_downsample_factor(vae)}.")
+    if family == "qwenimage" and args.resolution % (2 * T.vae_downsample_factor(vae)):  # else the pipeline resizes
+        raise ValueError(f"--resolution {args.resolution}: QwenImagePipeline samples only sides divisible by "
                          f"{2 * T.vae_downsample_factor(vae)}.")
     if family == "wan" and args.resolution % 16:
         raise ValueError(f"--resolution {args.resolution}: WanPipeline samples only sides divisible by 16.")
@@ -972,7 +1015,8 @@ class Flux2LatentEncoder:
 
 class VideoLatentEncoder:
     """Images -> the normalised latents (N, C, 1, H, W) of 1-frame videos, x0 = (z - latents_mean) / latents_std
-    (what WanPipeline undoes before decoding), z a fresh posterior sample each step (as `T.LatentEncoder`)."""
+    (what WanPipeline and QwenImagePipeline undo before decoding), z a fresh posterior sample each step (as
+    `T.LatentEncoder`)."""
 
     def __init__(self, vae):
         self.vae = vae
@@ -983,7 +1027,8 @@ class VideoLatentEncoder:
     @torch.no_grad()
     def __call__(self, batch, device) -> torch.Tensor:
         if "latent_mean" in batch:
-            raise ValueError("Wan trains from images (its VAE encodes 1-frame videos), not from cached latents.")
+            raise ValueError("Wan and Qwen-Image train from images (their VAEs encode 1-frame videos), not from "
+                             "cached latents.")
         pixels = batch["pixel_values"].to(device, self.vae.dtype).unsqueeze(2)
         z = self.vae.encode(pixels).latent_dist.sample().float()
         return (z - self.mean.to(device)) / self.std.to(device)

@@ -1,11 +1,13 @@
-"""`examples/train_self_transcendence_t2i.py` end to end on tiny offline Sana, Flux, Lumina 2, Wan and Z-Image
-pipelines (issue 27, items 1, 2 and 5; `benchmarks/convergence_t2i.py`'s builder: Sana with a random Gemma 2, its
-`AutoencoderDC` and flow DPM-Solver++; Flux with CLIP + T5, a shifted and scaled `AutoencoderKL`, packed 2x2 latent
-tokens and embedded guidance; Lumina 2 with a random Gemma 2 behind its system prompt, right-padded caption masks,
-reversed time; Wan with UMT5 and `AutoencoderKLWan`, images as 1-frame videos; Z-Image with Qwen3 and per-sample
-caption lists; Flux.2 [klein] with stacked Qwen3 layers, BatchNorm-normalised 2x2-patchified latents, 4-D ids): stage 1
-then stage 2 on it, each output loaded into its diffusers pipeline and sampled, what the pipelines feed the
-transformer at sampling time against what the script trains on (time, text, ids, guidance), and an exact resume."""
+"""`examples/train_self_transcendence_t2i.py` end to end on tiny offline Sana, Flux, Lumina 2, Wan, Z-Image, Flux.2
+[klein] and Qwen-Image pipelines (issue 27, items 1, 2 and 5; `benchmarks/convergence_t2i.py`'s builder: Sana with a
+random Gemma 2, its `AutoencoderDC` and flow DPM-Solver++; Flux with CLIP + T5, a shifted and scaled `AutoencoderKL`,
+packed 2x2 latent tokens and embedded guidance; Lumina 2 with a random Gemma 2 behind its system prompt, right-padded
+caption masks, reversed time; Wan with UMT5 and `AutoencoderKLWan`, images as 1-frame videos; Z-Image with Qwen3 and
+per-sample caption lists; Flux.2 [klein] with stacked Qwen3 layers, BatchNorm-normalised 2x2-patchified latents, 4-D
+ids; Qwen-Image with a random Qwen2.5-VL behind its prompt template, captions padded with a mask,
+`AutoencoderKLQwenImage` 1-frame latents packed 2x2, true CFG): stage 1 then stage 2 on it, each output loaded into its
+diffusers pipeline and sampled, what the pipelines feed the transformer at sampling time against what the script trains
+on (time, text, ids, guidance), and an exact resume."""
 
 import inspect
 import sys
@@ -24,19 +26,22 @@ import train_self_transcendence_t2i as t2i  # noqa: E402
 from test_train_t2i import (  # noqa: E402
     assert_same_weights, flags, read_losses, weights, write_captioned_images)
 
-FAMILIES = ("sana", "flux", "lumina2", "wan", "zimage", "flux2")
+FAMILIES = ("sana", "flux", "lumina2", "wan", "zimage", "flux2", "qwenimage")
 PIPELINE_CLASS = {"sana": "SanaPipeline", "flux": "FluxPipeline", "lumina2": "Lumina2Pipeline",
-                  "wan": "WanPipeline", "zimage": "ZImagePipeline", "flux2": "Flux2KleinPipeline"}
+                  "wan": "WanPipeline", "zimage": "ZImagePipeline", "flux2": "Flux2KleinPipeline",
+                  "qwenimage": "QwenImagePipeline"}
 # SanaPipeline samples only sides divisible by 32 (its tiny AutoencoderDC: 4x down, 8 x 8 latents); Flux: 16 px;
-# Lumina2Pipeline: sides divisible by 16 with an 8x VAE (4 x 4 latents); WanPipeline: sides divisible by 16 (1 x 4 x 4).
+# Lumina2Pipeline: sides divisible by 16 with an 8x VAE (4 x 4 latents); WanPipeline: sides divisible by 16 (1 x 4 x 4);
+# QwenImagePipeline: sides divisible by 16 with its 8x VAE (1 x 4 x 4 latents at 32 px, 2 x 2 packed tokens).
 RESOLUTION = {"sana": convergence_t2i.SANA_RESOLUTION, "flux": 16, "lumina2": convergence_t2i.LUMINA2_RESOLUTION,
-              "wan": convergence_t2i.WAN_RESOLUTION, "zimage": 16, "flux2": 16}
+              "wan": convergence_t2i.WAN_RESOLUTION, "zimage": 16, "flux2": 16,
+              "qwenimage": convergence_t2i.QWENIMAGE_RESOLUTION}
 # Text tokens: 16, except Lumina 2 whose system prompt alone is ~180 characters (character-level tokenizer)
 TEXT_LENGTH = {"lumina2": convergence_t2i.TINY_LUMINA2_LENGTH, "zimage": convergence_t2i.TINY_ZIMAGE_LENGTH,
-               "flux2": convergence_t2i.TINY_FLUX2_LENGTH}
-# Transformer calls per sampling step: Lumina2Pipeline and WanPipeline run the conditional and unconditional branches
-# separately.
-CALLS_PER_STEP = {"lumina2": 2, "wan": 2, "flux2": 2}
+               "flux2": convergence_t2i.TINY_FLUX2_LENGTH, "qwenimage": convergence_t2i.TINY_QWENIMAGE_LENGTH}
+# Transformer calls per sampling step: Lumina2Pipeline, WanPipeline, Flux2KleinPipeline and QwenImagePipeline (true
+# CFG) run the conditional and unconditional branches separately.
+CALLS_PER_STEP = {"lumina2": 2, "wan": 2, "flux2": 2, "qwenimage": 2}
 PROMPTS = ["a handwritten seven", "the digit 2"]
 
 
@@ -96,10 +101,14 @@ def sample_recording(family, folder):
     signature = inspect.signature(pipe.transformer.forward)
     pipe.transformer.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(dict(signature.bind(*args, **kwargs).arguments)), with_kwargs=True)
-    kwargs = {"sana": {"use_resolution_binning": False},  # its bins start at 512 px
-              "wan": {"num_frames": 1}}.get(family, {})  # an image: a 1-frame video
+    kwargs = {"guidance_scale": 2.0}
+    kwargs.update({"sana": {"use_resolution_binning": False},  # its bins start at 512 px
+                   "wan": {"num_frames": 1},  # an image: a 1-frame video
+                   # CFG: `true_cfg_scale` with a negative prompt (no embedded guidance)
+                   "qwenimage": {"guidance_scale": None, "true_cfg_scale": 2.0, "negative_prompt": [""] * len(PROMPTS)},
+                   }.get(family, {}))
     out = pipe(prompt=list(PROMPTS), height=RESOLUTION[family], width=RESOLUTION[family], num_inference_steps=2,
-               guidance_scale=2.0, max_sequence_length=TEXT_LENGTH.get(family, 16), output_type="np",
+               max_sequence_length=TEXT_LENGTH.get(family, 16), output_type="np",
                generator=torch.Generator().manual_seed(0), **kwargs)
     return pipe, out.frames[:, 0] if family == "wan" else out.images, calls
 
@@ -148,8 +157,41 @@ def test_pipeline_feeds_the_transformer_what_training_does(assets, stage1, famil
     null = t2i.encode_captions(family, pipe, [""], "cpu", length, negative=True)
     first = calls[0]
     side = RESOLUTION[family] // t2i.T.vae_downsample_factor(pipe.vae)
-    n, c, h, w = 2, pipe.transformer.config.in_channels // (4 if family in ("flux", "flux2") else 1), side, side
-    if family == "flux2":  # [caption] then [empty prompt] calls on packed 2x2-patchified tokens, 4-D ids
+    c = pipe.transformer.config.in_channels // (4 if family in ("flux", "flux2", "qwenimage") else 1)
+    n, h, w = 2, side, side
+    if family == "qwenimage":  # [caption] then [empty prompt] calls; the pipeline pads to the batch's longest caption
+        # (no mask when nothing is padded), the script to the fixed length: same tokens, same transformer output
+        mask = caps["encoder_hidden_states_mask"]
+        lengths = mask.sum(dim=1)
+        longest = int(lengths.max())
+        assert caps["encoder_hidden_states"].shape[1] == mask.shape[1] == length > longest
+        assert len(set(lengths.tolist())) == 2  # the captions' own lengths
+        torch.testing.assert_close(first["encoder_hidden_states"], caps["encoder_hidden_states"][:, :longest])
+        assert torch.equal(first["encoder_hidden_states_mask"], mask[:, :longest])
+        assert not caps["encoder_hidden_states"][:, longest:].any() and not mask[:, longest:].any()
+        # the empty prompt: the template's tokens after its system part (`prompt_template_encode_start_idx`)
+        empty = len(pipe.tokenizer(pipe.prompt_template_encode.format("")).input_ids)
+        empty -= pipe.prompt_template_encode_start_idx
+        assert int(null["encoder_hidden_states_mask"].sum()) == empty == 5  # <|im_end|> \n <|im_start|> assistant \n
+        assert calls[1]["encoder_hidden_states_mask"] is None
+        torch.testing.assert_close(calls[1]["encoder_hidden_states"],
+                                   null["encoder_hidden_states"][:, :empty].expand(2, -1, -1))
+        padded_null = {k: v.expand(2, *v.shape[1:]) for k, v in null.items()}
+        with torch.no_grad():
+            for call, ours in ((first, caps), (calls[1], padded_null)):
+                torch.testing.assert_close(pipe.transformer(**dict(call, **ours, return_dict=True)).sample,
+                                           pipe.transformer(**dict(call, return_dict=True)).sample)
+        x0 = t2i.VideoLatentEncoder(pipe.vae)({"pixel_values": torch.zeros(n, 3, RESOLUTION[family],
+                                                                           RESOLUTION[family])}, "cpu")
+        assert x0.shape == (n, c, 1, h, w)
+        packed = t2i.pack(family, x0)
+        assert first["hidden_states"].shape == packed.shape == (n, h * w // 4, 4 * c)
+        unpacked = type(pipe)._unpack_latents(packed, RESOLUTION[family], RESOLUTION[family], pipe.vae_scale_factor)
+        assert torch.equal(unpacked, x0)  # what the pipeline decodes (after undoing latents_mean / latents_std)
+        static = t2i.static_kwargs(family, pipe.transformer, (n, c, h, w), "cpu", torch.float32, length)
+        assert first["img_shapes"] == static["img_shapes"] == [[(1, h // 2, w // 2)]] * n
+        assert first["guidance"] is None
+    elif family == "flux2":  # [caption] then [empty prompt] calls on packed 2x2-patchified tokens, 4-D ids
         torch.testing.assert_close(first["encoder_hidden_states"], caps["encoder_hidden_states"])
         torch.testing.assert_close(calls[1]["encoder_hidden_states"], null["encoder_hidden_states"].expand(2, -1, -1))
         x0 = t2i.pack(family, t2i.Flux2LatentEncoder(pipe.vae)(
@@ -200,7 +242,7 @@ def test_pipeline_feeds_the_transformer_what_training_does(assets, stage1, famil
         assert t2i.parse_args(run_flags(assets, family, assets / "unused", stage=1)).flux_guidance_scale == default
 
 
-@pytest.mark.parametrize("family", ("flux", "lumina2", "wan", "zimage", "flux2"))
+@pytest.mark.parametrize("family", ("flux", "lumina2", "wan", "zimage", "flux2", "qwenimage"))
 def test_stage1_resumes_exactly(assets, stage1, tmp_path, family):
     """Stopped at checkpoint 2 and resumed: the same losses (alignment term included) and final weights (transformer,
     EMA, the modulated head: Flux's on packed tokens, Lumina 2's on its time embedding) as the straight run."""
