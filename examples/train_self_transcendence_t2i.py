@@ -589,7 +589,9 @@ def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema,
     from diffusers.utils import make_image_grid
 
     trained = T.unwrap(accelerator, model)
-    if hasattr(trained, "peft_config"):  # LoRA: the training module itself, its adapter's EMA weights swapped in
+    if hasattr(trained, "peft_config") and isinstance(ema, GatheredEMA):  # LoRA under FSDP: the base is sharded
+        preview, weights = lora_preview_model(args, type(trained), ema).to(accelerator.device), contextlib.nullcontext()
+    elif hasattr(trained, "peft_config"):  # LoRA: the training module itself, its adapter's EMA weights swapped in
         preview, weights = trained, L.ema_weights(trained, ema, "student")  # (and eval mode) while sampling below
     else:
         preview, weights = type(trained).from_config(trained.config).to(accelerator.device), contextlib.nullcontext()
@@ -651,9 +653,6 @@ def main(args=None):
                                   "accelerate config (or `accelerate launch --use_fsdp --fsdp_version 2`).")
     if fsdp and args.torch_compile:
         raise NotImplementedError("--torch_compile is not supported under FSDP here; drop it or use DDP.")
-    if fsdp and args.lora_rank:
-        raise NotImplementedError("--lora_rank is not supported under FSDP here (the sharded EMA and checkpoints are "
-                                  "the full weights'); train the adapter with DDP: one frozen base per GPU.")
     T.set_tf32(args.allow_tf32)
     # the output folder: locked for this run; a run that does not resume needs it empty (runs.py)
     args.run_id, lock, resume = R.claim_output_dir(
@@ -734,7 +733,7 @@ def main(args=None):
                                                                            accelerator.mixed_precision),
                                  teacher_dtype=weight_dtype if args.guiding_weights_dtype == "auto" else None)
     heads = method.trainable_modules()
-    if args.lora_rank:  # the EMA of the adapter alone
+    if args.lora_rank and not fsdp:  # the EMA of the adapter alone
         ema = L.adapter_ema(model, "student", decay=args.ema_decay, min_decay=args.ema_decay, foreach=True)
     elif not fsdp:  # under FSDP the EMA is built on the sharded parameters, after `prepare`
         ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True,
@@ -753,12 +752,22 @@ def main(args=None):
     if fsdp:
         # accelerate's FSDP2 prepares one model: the transformer and the alignment heads as one module. The frozen
         # teacher (stage 2) stays outside, unsharded on every process: it has no gradients nor optimizer state.
+        # LoRA: the frozen base is sharded with the adapters (block by block), the teacher is that same module.
         model, optimizer, lr_scheduler = accelerator.prepare(TrainableModules(model, heads), optimizer,
                                                              lr_scheduler)
         core, heads = model.transformer, list(model.heads)
         params = list(model.parameters())  # the sharded DTensors (what `clip_grad_norm_` matches to the model)
-        ema = EMAModel(core.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True)
+        # each process's EMA of its own shards: of the whole transformer, or (LoRA) of the student adapter alone
+        followed = L.adapter_parameters(core, "student") if args.lora_rank else core.parameters()
+        ema = EMAModel(followed, decay=args.ema_decay, min_decay=args.ema_decay, foreach=True)
         shard_states.append(ShardedEMAState(ema, accelerator.process_index))
+        if args.lora_rank and args.stage == 2:
+            # The LoRA teacher pass runs on the student's own, now sharded, module: through the FSDP root, as the
+            # student's forward, so that the root's hooks (unshard, mixed-precision casts) run around it too. Its
+            # early exit is no interruption: the block lists are cut before the call (`BlockFeatures`), the forward
+            # returns normally, and each block that runs is unsharded and resharded by its own FSDP hooks; the
+            # blocks past the guiding one are never gathered.
+            method.guide.features.model = model
         sync_modules = (model,)
     else:
         model, optimizer, lr_scheduler, *heads = accelerator.prepare(model, optimizer, lr_scheduler, *heads)
@@ -874,12 +883,14 @@ def main(args=None):
     # card, the Hub
     accelerator.wait_for_everyone()
     export_ema = full_ema(ema)  # FSDP: every process takes part in gathering the shards
+    if args.lora_rank:  # the EMA adapter, for `load_lora_weights` on the base pipeline, and its alignment head
+        # (every process: under FSDP the base digest and the heads gather their shards; the main one writes)
+        L.save_lora(output_dir, pipeline_cls, core, "student", ema=export_ema,
+                    is_main_process=accelerator.is_main_process)
+        for head in heads:
+            save_whole(T.unwrap(accelerator, head), output_dir / "projector", accelerator.is_main_process)
     if accelerator.is_main_process:
-        if args.lora_rank:  # the EMA adapter, for `load_lora_weights` on the base pipeline, and its alignment head
-            L.save_lora(output_dir, pipeline_cls, core, "student", ema=export_ema)
-            for head in heads:
-                T.unwrap(accelerator, head).save_pretrained(output_dir / "projector")
-        else:
+        if not args.lora_rank:
             final = transformer_cls.from_config(core.config)
             export_ema.copy_to(final.parameters())
             final_pipeline(args, pipeline_cls, family, final.eval()).save_pretrained(output_dir)
@@ -969,10 +980,11 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class GatheredEMA:
-    """The full EMA weights gathered from FSDP2 shards (on CPU), with EMAModel's `copy_to`."""
+    """The full EMA weights gathered from FSDP2 shards (on CPU), with EMAModel's `copy_to` and `shadow_params`
+    (what `lora.save_lora` reads)."""
 
     def __init__(self, tensors):
-        self.tensors = tensors
+        self.tensors = self.shadow_params = tensors
 
     def copy_to(self, parameters) -> None:
         for tensor, param in zip(self.tensors, parameters):
@@ -984,6 +996,32 @@ def full_ema(ema: EMAModel):
     if not any(hasattr(p, "full_tensor") for p in ema.shadow_params):
         return ema
     return GatheredEMA([p.full_tensor().cpu() if hasattr(p, "full_tensor") else p.cpu() for p in ema.shadow_params])
+
+
+def save_whole(module, folder, is_main_process: bool) -> None:
+    """`module.save_pretrained(folder)` on the main process; under FSDP2 (DTensor parameters) every process calls it:
+    the shards are gathered into an unsharded copy of the module that the main process saves."""
+    state = module.state_dict()
+    if not any(hasattr(v, "full_tensor") for v in state.values()):
+        if is_main_process:
+            module.save_pretrained(folder)
+        return
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in state.items()}
+    if is_main_process:
+        whole = type(module).from_config({k: v for k, v in module.config.items() if not k.startswith("_")})
+        whole.load_state_dict(state)
+        whole.save_pretrained(folder)
+
+
+def lora_preview_model(args, transformer_cls, ema: GatheredEMA):
+    """Previews under FSDP with LoRA: the pretrained base loaded whole (on the main process, as the full-weight
+    previews under FSDP build the whole model) with the student's adapter holding the gathered EMA weights."""
+    model = transformer_cls.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
+                                            revision=args.revision)
+    L.add_lora(model, args.lora_rank, alpha=args.lora_alpha, target_modules=args.lora_target_modules,
+               use_dora=args.use_dora)
+    ema.copy_to(L.adapter_parameters(model, "student"))
+    return model.eval().requires_grad_(False)
 
 
 def encoder_shape(batch, vae):

@@ -285,3 +285,112 @@ def test_two_processes_stage2_lora(assets, stage1, tmp_path):
     assert losses[1]["loss_guide"] > 0 and "loss_guide" not in losses[2]
     assert (tmp_path / "ddp" / "checkpoint-2" / L.LORA_CHECKPOINT_NAME).is_file()
     assert (tmp_path / "ddp" / L.LORA_WEIGHT_NAME).is_file()
+
+
+def test_fsdp_two_processes_stage2_lora_exports_the_ema_adapter_and_resumes_exactly(assets, stage1, tmp_path):
+    """FSDP2 on 2 CPU processes, stage 2 with the stage-1 adapter as teacher (its pass on the same sharded module),
+    past the guide stop: the frozen base is sharded with the adapters, each process keeps the EMA of its adapter
+    shards, the export is the whole EMA adapter in diffusers' format (loaded by `load_lora_weights`), equal to the
+    DDP run's on the same data; stopped after step 1 and resumed, the run repeats the straight run exactly."""
+    from test_train_t2i import launch_fsdp
+
+    common = dict(guiding_model_name_or_path=stage1[0], guide_stop_step=2, max_train_steps=3, train_batch_size=1,
+                  checkpointing_steps=1, **LORA)
+    straight = tmp_path / "fsdp"
+    launch_fsdp(tmp_path, flags(assets, "sd3", straight, **common), 29583)
+    ckpt = straight / "checkpoint-3"
+    assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "optimizer_0").is_dir()  # accelerate's DCP shards
+    shards = [torch.load(ckpt / f"transformer_ema_shards_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert shards[0]["optimization_step"] == 3
+    losses = read_losses(straight)
+    assert losses[1]["loss_guide"] > 0 and losses[2]["loss_guide"] > 0 and "loss_guide" not in losses[3]
+    # the export: the student adapter's EMA, whole (each tensor its two processes' shards joined along dim 0)
+    exported = load_file(straight / L.LORA_WEIGHT_NAME)
+    model = base_transformer(assets)
+    L.add_lora(model, RANK)
+    names = [n.replace(".student", "") for n, p in model.named_parameters() if L.adapter_of(n) == "student"]
+    assert len(names) == len(shards[0]["shadow_params"]) == len(exported)
+    for name, a, b in zip(names, shards[0]["shadow_params"], shards[1]["shadow_params"]):
+        assert torch.equal(exported[f"transformer.{name}"], torch.cat([a, b])), name
+    assert json.loads((straight / L.LORA_RECORD_NAME).read_text())["base_digest"] == L.base_digest(model)
+    assert (straight / "projector" / "diffusion_pytorch_model.safetensors").is_file()
+
+    # the same run under DDP (one whole base per process, the teacher pass on the unwrapped module): the same losses,
+    # so the same guide targets and gradients, and the same exported adapter up to float rounding
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29584",
+           str(ROOT / "examples" / "train_self_transcendence_t2i.py"),
+           *flags(assets, "sd3", ddp, **dict(common, checkpointing_steps=100))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step, row in read_losses(ddp).items():
+        for key in ("loss", "loss_diff", "loss_guide"):
+            if key in row:
+                assert losses[step][key] == pytest.approx(row[key], rel=1e-5), (step, key)
+    reference = load_file(ddp / L.LORA_WEIGHT_NAME)
+    assert exported.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(exported[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    heads = [load_file(folder / "projector" / "diffusion_pytorch_model.safetensors") for folder in (straight, ddp)]
+    for name in heads[1]:
+        torch.testing.assert_close(heads[0][name], heads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    # the base pipeline loads the FSDP export with diffusers alone
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(assets / "pipe_sd3")
+    pipe.load_lora_weights(straight)
+    images = pipe(prompt=["a handwritten seven"], height=RESOLUTION, width=RESOLUTION, num_inference_steps=2,
+                  guidance_scale=2.0, max_sequence_length=16, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(images).all()
+
+    # exact resume under FSDP: a copy of the run stopped at checkpoint-1, resumed to step 3 (the guide stops on the way)
+    resumed = tmp_path / "fsdp_resumed"
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(straight / "checkpoint-1", resumed / "checkpoint-1")
+    rows = (straight / "loss_log.jsonl").read_text().splitlines()[:1]
+    (resumed / "loss_log.jsonl").write_text("\n".join(rows) + "\n")
+    launch_fsdp(tmp_path, flags(assets, "sd3", resumed, resume_from_checkpoint="latest", **common), 29585)
+    again = read_losses(resumed)
+    for step in (2, 3):
+        for key in ("loss", "loss_diff", "lr"):
+            assert again[step][key] == losses[step][key], (step, key)
+    a = load_file(resumed / L.LORA_WEIGHT_NAME)
+    assert a.keys() == exported.keys() and all(torch.equal(a[k], exported[k]) for k in a)
+    for r in (0, 1):
+        x = torch.load(resumed / "checkpoint-3" / f"transformer_ema_shards_rank{r}.pt", weights_only=True)
+        assert all(torch.equal(u, v) for u, v in zip(x["shadow_params"], shards[r]["shadow_params"], strict=True))
+
+
+def test_fsdp_two_processes_stage1_and_base_teacher_lora_equal_ddp(assets, tmp_path):
+    """FSDP2 on 2 CPU processes: stage 1, and stage 2 with the pretrained base as teacher (adapters off on the sharded
+    module), have the DDP runs' losses and export the same EMA adapter and head up to float rounding."""
+    from test_train_t2i import launch_fsdp
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    for i, extra in enumerate([dict(stage=1), dict(lora_teacher="base", guide_stop_step=2)]):
+        common = dict(max_train_steps=2, train_batch_size=1, checkpointing_steps=100, **extra, **LORA)
+        fsdp, ddp = tmp_path / f"fsdp{i}", tmp_path / f"ddp{i}"
+        launch_fsdp(tmp_path, flags(assets, "sd3", fsdp, **common), 29586 + i)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(29588 + i), str(ROOT / "examples" / "train_self_transcendence_t2i.py"),
+               *flags(assets, "sd3", ddp, **common)]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        a, b = read_losses(fsdp), read_losses(ddp)
+        assert sorted(a) == sorted(b) == [1, 2]
+        term = "loss_vae_align" if i == 0 else "loss_guide"
+        for step in b:
+            assert a[step][term] > 0
+            for key in ("loss", "loss_diff", term):
+                assert a[step][key] == pytest.approx(b[step][key], rel=1e-5), (extra, step, key)
+        for name in (L.LORA_WEIGHT_NAME, "projector/diffusion_pytorch_model.safetensors"):
+            x, y = load_file(fsdp / name), load_file(ddp / name)
+            assert x.keys() == y.keys()
+            for key in y:
+                torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6, msg=f"{extra} {name} {key}")

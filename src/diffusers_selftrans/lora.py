@@ -241,7 +241,8 @@ def _config_dict(config) -> dict:
 
 def save_lora(output_dir, pipeline_cls, transformer: nn.Module, adapter_name: str = "student", *, ema=None,
               is_main_process: bool = True, weight_name: str = LORA_WEIGHT_NAME) -> Path:
-    """Writes the adapter `adapter_name` (its EMA weights when `ema`, an `adapter_ema`, is given) into `output_dir` in
+    """Writes the adapter `adapter_name` (its EMA weights when `ema` is given: an `adapter_ema`, or anything whose
+    `shadow_params` follow `adapter_parameters`, sharded or gathered whole) into `output_dir` in
     diffusers' LoRA format: `pipeline_cls.save_lora_weights` (keys `transformer.<module>.lora_A.weight`, the
     LoraConfig in the safetensors metadata), what `pipeline_cls.from_pretrained(base).load_lora_weights(output_dir)`
     loads. For a pipeline class without it (PixArt, DiT, or `None`) the same file is written with diffusers'
@@ -256,16 +257,15 @@ def save_lora(output_dir, pipeline_cls, transformer: nn.Module, adapter_name: st
     if adapter_name not in (getattr(module, "peft_config", None) or {}):
         raise ValueError(f"The transformer has no adapter named {adapter_name!r}.")
     config = module.peft_config[adapter_name]
-    params = adapter_parameters(module, adapter_name)
-    if ema is not None:
-        ema.store(params)
-        ema.copy_to(params)
-    try:  # cloned: restoring the trained weights writes into the same tensors; FSDP2 shards gathered
-        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", copy=True).contiguous()
-                 for k, v in get_peft_model_state_dict(module, adapter_name=adapter_name).items()}
-    finally:
-        if ema is not None:
-            ema.restore(params)
+    named = [(name, p) for name, p in module.named_parameters() if adapter_of(name) == adapter_name]
+    values = [p for _, p in named] if ema is None else list(ema.shadow_params)  # in `adapter_parameters` order
+    if len(values) != len(named) or any(v.shape != p.shape for v, (_, p) in zip(values, named)):
+        raise ValueError(f"The EMA holds {len(values)} tensors, not the {len(named)} of adapter {adapter_name!r} "
+                         "(build it with adapter_ema, or on adapter_parameters).")
+    # peft's key format from the adapter's own parameter names, values copied to CPU (FSDP2 shards gathered whole)
+    full = {name: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", copy=True).contiguous()
+            for (name, _), v in zip(named, values)}
+    state = get_peft_model_state_dict(module, state_dict=full, adapter_name=adapter_name)
     digest = base_digest(module)
     output_dir = Path(output_dir)
     if not is_main_process:
