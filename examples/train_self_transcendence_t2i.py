@@ -55,7 +55,10 @@ blocks' attention and feed-forward projections trains (with the alignment head);
 EMA, and `--output_dir` ends as the EMA adapter in diffusers' LoRA format (`pipe.load_lora_weights(output_dir)` on the
 base pipeline) beside `projector/`. In stage 2 the teacher shares the student's base: the stage-1 LoRA output
 (`--guiding_model_name_or_path`) as a second, frozen adapter (`--lora_teacher adapter`), or the pretrained base itself
-with the adapters off (`--lora_teacher base`, no stage 1).
+with the adapters off (`--lora_teacher base`, no stage 1). Under FSDP2 the frozen base is sharded with the adapters
+and the head, each process keeps the EMA of its adapter shards, checkpoints are accelerate's FSDP ones (the base's
+shards included), the teacher pass runs through the FSDP root on the same sharded module (its early exit cuts the
+block lists before the call, so every FSDP hook runs), and the export gathers the same diffusers-format LoRA.
 """
 
 import argparse
