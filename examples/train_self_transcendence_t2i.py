@@ -59,6 +59,8 @@ with the adapters off (`--lora_teacher base`, no stage 1). Under FSDP2 the froze
 and the head, each process keeps the EMA of its adapter shards, checkpoints are accelerate's FSDP ones (the base's
 shards included), the teacher pass runs through the FSDP root on the same sharded module (its early exit cuts the
 block lists before the call, so every FSDP hook runs), and the export gathers the same diffusers-format LoRA.
+Under `--mixed_precision bf16` / `fp16` the frozen base is cast to that dtype (not under FSDP; `--lora_fp32_base`
+keeps it fp32), the trained adapter, its EMA and the head stay fp32.
 """
 
 import argparse
@@ -195,6 +197,10 @@ def parse_args(input_args=None):
                    help="Adapted modules, as paths inside a block (e.g. attn.to_q ff.net.2); default: the family's "
                         "attention and feed-forward projections (diffusers_selftrans.lora.DEFAULT_TARGET_MODULES).")
     g.add_argument("--use_dora", action="store_true", help="DoRA (weight-decomposed LoRA) adapters.")
+    g.add_argument("--lora_fp32_base", action="store_true",
+                   help="Keep the frozen base in fp32 under --mixed_precision fp16 / bf16. Default: the base (and a "
+                        "stage-1 guide adapter) in the mixed-precision dtype, as diffusers' LoRA scripts; the trained "
+                        "adapter, its EMA and the head stay fp32 either way.")
     g.add_argument("--lora_teacher", type=str, default=None, choices=["adapter", "base"],
                    help="Stage 2 teacher, on the student's own base: adapter (default) = the stage-1 LoRA output "
                         "(--guiding_model_name_or_path) as a second, frozen adapter; base = the pretrained base "
@@ -220,8 +226,10 @@ def parse_args(input_args=None):
         if args.stage == 2 and args.torch_compile:
             parser.error("--torch_compile is not supported with a LoRA teacher: its pass switches the adapters of the "
                          "student's own module, which a compiled step cannot follow. Drop --torch_compile.")
-    elif args.lora_teacher or args.lora_alpha is not None or args.lora_target_modules or args.use_dora:
-        parser.error("--lora_teacher, --lora_alpha, --lora_target_modules and --use_dora need --lora_rank.")
+    elif (args.lora_teacher or args.lora_alpha is not None or args.lora_target_modules or args.use_dora
+          or args.lora_fp32_base):
+        parser.error("--lora_teacher, --lora_alpha, --lora_target_modules, --use_dora and --lora_fp32_base need "
+                     "--lora_rank.")
     if args.stage == 2 and args.guiding_model_name_or_path is None and args.lora_teacher != "base":
         parser.error("--stage 2 needs --guiding_model_name_or_path (the stage-1 output).")
     if args.stage == 1 and args.guiding_model_name_or_path is not None:
@@ -511,16 +519,24 @@ def pipeline_info(path: str, revision=None):
     return getattr(diffusers, name), family, getattr(diffusers, transformer_name), text_length
 
 
-def load_student(args, transformer_cls):
+def load_student(args, transformer_cls, base_dtype=None):
+    """The transformer to train: from `--transformer_config`, or the pretrained one; with `--lora_rank` that one
+    frozen (cast to `base_dtype` when given: the mixed-precision dtype, as diffusers' LoRA scripts keep the frozen
+    weights) with the student adapter added, whose trainable parameters are fp32."""
     if args.transformer_config:
         config = json.loads(Path(args.transformer_config).read_text())
         config = {k: v for k, v in config.items() if not k.startswith("_")}
         return transformer_cls.from_config(config)
     model = transformer_cls.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
                                             revision=args.revision)
-    if args.lora_rank:  # only the adapter requires grad from here on; the base weights stay as loaded
+    if args.lora_rank:  # only the adapter requires grad from here on; the base weights stay as loaded (or cast)
+        if base_dtype is not None:
+            model.to(base_dtype)
         L.add_lora(model, args.lora_rank, alpha=args.lora_alpha, target_modules=args.lora_target_modules,
                    use_dora=args.use_dora)
+        for p in model.parameters():  # diffusers' `cast_training_params`: the trained adapter in fp32
+            if p.requires_grad:
+                p.data = p.data.float()
     return model
 
 
@@ -620,7 +636,9 @@ def save_preview(args, accelerator, pipeline_cls, family, text_pipe, model, ema,
     if embed is not None:  # the text encoders were freed: the prompts' cached embeddings
         kwargs.update(prompt_embedding_kwargs(family, embed(prompts), null))
         prompts = None
-    with weights:
+    # under fp16 / bf16 mixed precision the pipeline mixes dtypes (a half-precision VAE decodes the fp32 latents of
+    # an fp32 transformer, or of LoRA's fp32 adapter): autocast, as diffusers' validation does (fp32: a no-op)
+    with weights, accelerator.autocast():
         result = pipe(prompt=prompts, height=args.resolution, width=args.resolution,
                       num_inference_steps=args.validation_num_inference_steps,
                       generator=torch.Generator("cpu").manual_seed(args.seed), **kwargs)
@@ -705,7 +723,12 @@ def main(args=None):
         preview_embed = embed
 
     # 4.4 The student, the alignment method of the stage, EMA, optimizer, warm-up
-    model = load_student(args, transformer_cls)
+    # LoRA under fp16 / bf16 mixed precision: the frozen base in that dtype (half its fp32 memory), the adapter fp32.
+    # Not under FSDP: its MixedPrecisionPolicy gathers and computes the shards in that dtype already (each process
+    # stores 1/N of the base in fp32), and the cast base is untested there.
+    lora_base_dtype = None if not args.lora_rank or args.lora_fp32_base or fsdp or weight_dtype == torch.float32 \
+        else weight_dtype
+    model = load_student(args, transformer_cls, lora_base_dtype)
     latent_side = T.vae_latent_size(vae, args.resolution)
     sample_size = model.config.get("sample_size")
     if family in ("sd3", "pixart") and sample_size is not None and sample_size < latent_side:

@@ -260,6 +260,8 @@ def test_refusals(assets, stage1, tmp_path):
             t2i.parse_args(flags(assets, "sd3", tmp_path / "x", **{**LORA, **extra}))
     with pytest.raises(SystemExit):
         t2i.parse_args(flags(assets, "sd3", tmp_path / "x", stage=1, lora_alpha=8))  # LoRA flags need --lora_rank
+    with pytest.raises(SystemExit):
+        t2i.parse_args(flags(assets, "sd3", tmp_path / "x", stage=1, lora_fp32_base=True))
     # a stage-1 adapter trained on another base: refused before training, naming the base digests
     other = convergence_t2i.write_tiny_t2i_pipeline(tmp_path / "other_pipe", "sd3", seed=1)
     with pytest.raises(ProvenanceError, match=r"base_digest: .* \(there\) vs .* \(this run\).*other base weights"):
@@ -394,3 +396,35 @@ def test_fsdp_two_processes_stage1_and_base_teacher_lora_equal_ddp(assets, tmp_p
             assert x.keys() == y.keys()
             for key in y:
                 torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6, msg=f"{extra} {name} {key}")
+
+
+def test_bf16_mixed_precision_keeps_the_frozen_base_in_bf16_and_the_adapter_in_fp32(assets, stage1, tmp_path):
+    """`--mixed_precision bf16`: the frozen base in bf16 (as diffusers' LoRA scripts), the trained adapter, its EMA
+    and the head in fp32; the fp32 stage-1 adapter is accepted as the guide of the bf16 base (the base digest ignores
+    precision), the losses are finite and the export is an fp32 LoRA that `load_lora_weights` loads."""
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path / "bf16"
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state fixes the precision once
+    try:
+        model = run(assets, out, guiding_model_name_or_path=stage1[0], guide_stop_step=2, max_train_steps=2,
+                    checkpointing_steps=100, mixed_precision="bf16", **LORA)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert all(dtype == torch.bfloat16 for name, dtype in dtypes.items() if L.adapter_of(name) is None)
+    assert all(dtypes[name] == torch.float32 for name in dtypes if L.adapter_of(name) == "student")
+    losses = read_losses(out)
+    assert all(np.isfinite(r["loss"]) and r["loss_guide"] > 0 for r in losses.values())
+    exported = load_file(out / L.LORA_WEIGHT_NAME)
+    assert exported and all(v.dtype == torch.float32 for v in exported.values())
+    head = load_file(out / "projector" / "diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in head.values())
+    fp32_base = base_transformer(assets)
+    assert json.loads((out / L.LORA_RECORD_NAME).read_text())["base_digest"] == L.base_digest(fp32_base)
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(assets / "pipe_sd3")
+    with torch.no_grad():
+        plain = pipe.transformer(**inputs(fp32_base)).sample
+        pipe.load_lora_weights(out)
+        got = pipe.transformer(**inputs(fp32_base)).sample
+    assert torch.isfinite(got).all() and (got - plain).abs().max() > 0
