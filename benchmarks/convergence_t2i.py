@@ -585,34 +585,41 @@ def write_captioned_digits(root: Path, resolution: int) -> Path:
     return root
 
 
+def score_pipeline(pipe, prompts, labels, args, real, real_labels, classifier):
+    """Sample one image per prompt (seeded per prompt, Euler `args.sampling_steps`, no CFG) and score them against
+    the real images: {fid, accuracy} (accuracy: the classifier reads back `labels`, the class each prompt names)."""
+    from diffusers_selftrans import evaluation as E
+
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        generators = [torch.Generator().manual_seed(1234 + start + i) for i in range(len(chunk))]
+        images.append(pipe(prompt=chunk, height=args.resolution, width=args.resolution, guidance_scale=1.0,
+                           num_inference_steps=args.sampling_steps, max_sequence_length=TINY_T5_LENGTH,
+                           generator=generators, output_type="np").images)
+    images = E.to_uint8_nhwc(np.concatenate(images))
+    metrics = E.evaluate_samples(real, real_labels, images, np.asarray(labels), classifier)
+    return {"fid": metrics["fid"], "accuracy": metrics["accuracy"]}
+
+
 def evaluate_run(folder: Path, pipe_folder: Path, args, real, real_labels, classifier, extra_seconds=0.0):
     """Score the EMA weights of every checkpoint of a run through StableDiffusion3Pipeline (no CFG):
     [{step, train_seconds, fid, accuracy}]; the intended class of a sample is the one its prompt names."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from diffusers_selftrans import evaluation as E
     from diffusers_selftrans import checkpointing as C
 
     log = {json.loads(line)["step"]: json.loads(line) for line in (folder / "loss_log.jsonl").read_text().splitlines()}
     prompts = [caption_for(c, i) for c in range(len(NUMBER_WORDS)) for i in range(args.samples_per_class)]
-    labels = np.array([class_of_caption(p) for p in prompts])
+    labels = [class_of_caption(p) for p in prompts]
     points = []
     for ckpt in C.list_checkpoints(folder):
         step = C.checkpoint_step(ckpt)
         model = SD3Transformer2DModel.from_pretrained(ckpt / "transformer_ema").eval()
         pipe = StableDiffusion3Pipeline.from_pretrained(pipe_folder, transformer=model)
-        pipe.set_progress_bar_config(disable=True)
-        images = []
-        for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start:start + args.batch_size]
-            generators = [torch.Generator().manual_seed(1234 + start + i) for i in range(len(chunk))]
-            images.append(pipe(prompt=chunk, height=args.resolution, width=args.resolution, guidance_scale=1.0,
-                               num_inference_steps=args.sampling_steps, max_sequence_length=TINY_T5_LENGTH,
-                               generator=generators, output_type="np").images)
-        images = E.to_uint8_nhwc(np.concatenate(images))
-        metrics = E.evaluate_samples(real, real_labels, images, labels, classifier)
-        points.append({"step": step, "train_seconds": log[step]["train_seconds"] + extra_seconds,
-                       "fid": metrics["fid"], "accuracy": metrics["accuracy"]})
+        metrics = score_pipeline(pipe, prompts, labels, args, real, real_labels, classifier)
+        points.append({"step": step, "train_seconds": log[step]["train_seconds"] + extra_seconds, **metrics})
     return points
 
 
