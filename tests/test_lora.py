@@ -208,6 +208,21 @@ def test_base_digest_ignores_adapters_and_precision_but_not_weights():
     assert module_digest(base) != module_digest(adapted)  # the plain digest sees peft's renamed layers
 
 
+def test_digests_of_tensors_beyond_float32_integers():
+    """SD3.5's positional buffer (226M values) crashed every digest: float32 indices rounded past the last value."""
+    from diffusers_selftrans.provenance import DIGEST_VALUES_PER_TENSOR, sampled_values, tensors_digest
+
+    big = torch.arange(2 ** 24 + 4, dtype=torch.float64)  # float32 rounds the last index, 2**24 + 3, up to 2**24 + 4
+    with pytest.raises(IndexError):  # what the float32 indices did
+        big[torch.linspace(0, big.numel() - 1, DIGEST_VALUES_PER_TENSOR).long()]
+    values = sampled_values(big)
+    assert len(values) == DIGEST_VALUES_PER_TENSOR and values[0] == 0 and values[-1] == 2 ** 24 + 3
+    assert tensors_digest([("pos_embed", big)]) != tensors_digest([("pos_embed", big + 1)])
+    small = torch.arange(5000, dtype=torch.float32)  # below 2**24: the indices (and recorded digests) as before
+    expected = small[torch.linspace(0, 4999, DIGEST_VALUES_PER_TENSOR).long()]
+    torch.testing.assert_close(sampled_values(small), expected, rtol=0, atol=0)
+
+
 # --- item 2: the teacher on the student's own base -----------------------------------------------------------------
 @pytest.mark.parametrize("family", ("sd3", "pixart", "flux"))
 def test_stage2_loss_with_the_stage1_adapter_as_teacher_equals_a_merged_teacher(tmp_path, family):

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .models.block_features import transformer_family
-from .provenance import DIGEST_VALUES_PER_TENSOR, check_provenance, tensors_digest
+from .provenance import check_provenance, sampled_values, tensors_digest
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE, what load_lora_weights reads
 LORA_RECORD_NAME = "selftrans_lora.json"
@@ -223,9 +223,7 @@ def base_digest(transformer: nn.Module) -> str:
         tensor = tensor.detach()
         if hasattr(tensor, "full_tensor"):  # an FSDP2 shard: the digest is of the whole tensor
             tensor = tensor.full_tensor()
-        flat = tensor.reshape(-1)
-        if flat.numel() > DIGEST_VALUES_PER_TENSOR:
-            flat = flat[torch.linspace(0, flat.numel() - 1, DIGEST_VALUES_PER_TENSOR, device=flat.device).long()]
+        flat = sampled_values(tensor.reshape(-1))
         return flat.to(torch.bfloat16) if flat.is_floating_point() else flat
 
     named = [(f"{name.replace('.base_layer.', '.')}{tuple(tensor.shape)}", sampled(tensor))

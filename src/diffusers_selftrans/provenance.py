@@ -34,6 +34,21 @@ class ProvenanceError(ValueError):
     """An artifact was made from other inputs than the run that wants to reuse it."""
 
 
+# float32 holds every integer only up to 2**24: evenly spaced indices of larger tensors are computed in float64.
+_EXACT_FLOAT32_INTEGERS = 2 ** 24
+
+
+def sampled_values(flat: torch.Tensor) -> torch.Tensor:
+    """Up to `DIGEST_VALUES_PER_TENSOR` evenly spaced values of a 1-D tensor (all of a smaller one), first and last
+    included. Indices in float32 up to 2**24 elements (the digests recorded so far), float64 beyond (float32 rounds
+    the last index up to `numel` there: out of range)."""
+    n = flat.numel()
+    if n <= DIGEST_VALUES_PER_TENSOR:
+        return flat
+    dtype = torch.float32 if n <= _EXACT_FLOAT32_INTEGERS else torch.float64
+    return flat[torch.linspace(0, n - 1, DIGEST_VALUES_PER_TENSOR, dtype=dtype, device=flat.device).long()]
+
+
 def tensors_digest(named_tensors: Iterable[Tuple[str, torch.Tensor]], extra: Any = None) -> str:
     """A short digest of named tensors (name, dtype, shape and up to `DIGEST_VALUES_PER_TENSOR` evenly spaced values
     each) and of `extra` (any JSON-friendly value, e.g. a config)."""
@@ -45,10 +60,7 @@ def tensors_digest(named_tensors: Iterable[Tuple[str, torch.Tensor]], extra: Any
         if hasattr(tensor, "full_tensor"):  # an FSDP2 shard: the digest is of the whole tensor
             tensor = tensor.full_tensor()
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        flat = tensor.reshape(-1)
-        if flat.numel() > DIGEST_VALUES_PER_TENSOR:
-            flat = flat[torch.linspace(0, flat.numel() - 1, DIGEST_VALUES_PER_TENSOR, device=flat.device).long()]
-        h.update(flat.float().cpu().numpy().tobytes())
+        h.update(sampled_values(tensor.reshape(-1)).float().cpu().numpy().tobytes())
     return h.hexdigest()[:DIGEST_LENGTH]
 
 
