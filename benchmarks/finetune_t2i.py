@@ -191,10 +191,11 @@ def run_flags(args, name: str, runs: Path):
 
 def step_flops(args, common, name: str, runs: Path, work: Path):
     """Model FLOPs of one training step of a run kind, counted by `torch.utils.flop_counter.FlopCounterMode` on the
-    script itself: a 2-step run minus a 1-step run (everything else of the two runs is the same and cancels).
+    script itself (benchmarks/flops.py's convention, the CPU attention kernel included): a 2-step run minus a 1-step run (everything else of the two runs is the same and cancels).
     Guided kinds are counted with their guide on."""
     import shutil
 
+    import flops as F
     import train_self_transcendence_t2i as t2i
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -204,7 +205,7 @@ def step_flops(args, common, name: str, runs: Path, work: Path):
         shutil.rmtree(folder, ignore_errors=True)
         flags = run_flags(args, name, runs) + ["--max_train_steps", str(steps), "--guide_stop_step", "10",
                                                "--checkpointing_steps", "10", "--output_dir", str(folder)]
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=F.CPU_ATTENTION_FLOPS) as counter:
             t2i.main(common + flags)
         totals.append(counter.get_total_flops())
         shutil.rmtree(folder)

@@ -15,6 +15,9 @@ Per training image:
 
 from typing import Any, Dict, Optional
 
+import torch
+from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
 # See the module docstring. The DiT/SiT papers' "Gflops" count multiply-accumulates (fvcore): SiT-B/2 23 G and
 # SiT-XL/2 118.6 G per 256 px image, so forward FLOPs are twice those.
 # Scale: the paper's 8xA800 run trained SiT-B/2 at ~297 img/s per GPU: 297 x 6 x 23e9 / 312e12 = ~13 % of peak.
@@ -23,6 +26,16 @@ FLOPS_PER_MAC = 2.0
 PAPER_MACS_PER_IMAGE = {"SiT-B/2": 23.0e9, "SiT-XL/2": 118.6e9}
 # The guiding model runs the conditional and the unconditional pass (f_c, f_u) on every training image.
 GUIDE_PASSES = 2
+
+
+# Counting FLOPs of a real step with `torch.utils.flop_counter.FlopCounterMode(custom_mapping=CPU_ATTENTION_FLOPS)`:
+# the CPU flash-attention kernel (what SDPA runs on this machine) is not in its table; torch's own SDPA formulas.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+}
 
 
 def sit_forward_macs(config: Dict[str, Any], num_blocks: Optional[int] = None) -> int:

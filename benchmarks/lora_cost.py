@@ -68,12 +68,13 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
 
 import diffusers  # noqa: E402
+import flops as F  # noqa: E402  (the FLOP convention and the CPU attention kernel's count)
 import memory_t2i as M2  # noqa: E402  (SD3.5-medium's config and its narrowing)
 import memory_table as MT  # noqa: E402  (the tracker, the teacher-pass marks, the displayed command)
 import peft  # noqa: E402
@@ -97,15 +98,6 @@ TIMED = SCHEMES[1:]  # the LoRA steps
 SD35 = M2.FAMILIES["SD3.5-medium"]
 POS_EMBED_MAX_SIZE = 192
 MIB = 2**20
-# The CPU flash-attention kernel (what SDPA runs here) is not in FlopCounterMode's table; torch's SDPA formulas.
-CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
-}
-
-
 def settings(args) -> Dict[str, Any]:
     """The model config and the step's shapes (`--smoke`: a 4-block, 32-wide SD3 with small text widths)."""
     if args.smoke:
@@ -299,7 +291,7 @@ def adapter_bytes(model: torch.nn.Module, name: str) -> int:
 
 
 def count_flops(sc: Scheme, s: Dict[str, Any]) -> int:
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=F.CPU_ATTENTION_FLOPS) as counter:
         train_step(sc, s)
     return counter.get_total_flops()
 
