@@ -173,7 +173,8 @@ def pretrain_base(args, out: Path) -> Path:
     t2i.main(common_flags(args, out / "pipeline", digits, out, 0, args.pretrain_batch_size)
              + ["--stage", "1", "--align_loss_weight", "0", "--transformer_config", str(out / "mmdit.json"),
                 "--max_train_steps", str(args.pretrain_steps), "--lr_warmup_steps", str(CT.TINY_WARMUP_STEPS),
-                "--checkpointing_steps", str(args.pretrain_steps), "--output_dir", str(base)])
+                "--checkpointing_steps", str(max(1, args.pretrain_steps // 3)), "--resume_from_checkpoint", "latest",
+                "--output_dir", str(base)])
     return base
 
 
