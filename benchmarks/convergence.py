@@ -281,12 +281,17 @@ def write_results(out: Path, args, settings, curves, benchmark_seconds, machine)
     return result, table
 
 
+def read_curves(folder: Path):
+    """A finished benchmark's curves.json and its per-seed curves {method: {seed (int): points}}."""
+    saved = json.loads((Path(folder) / "curves.json").read_text())
+    return saved, {m: {int(seed): points for seed, points in by_seed.items()} for m, by_seed in saved["curves"].items()}
+
+
 def rederive(folder):
     """Recompute the summary, the comparisons, results.md and the plot of a finished benchmark from its curves.json
     (the per-seed points measured then; nothing is trained or scored) and rewrite them in `folder`."""
     folder = Path(folder)
-    saved = json.loads((folder / "curves.json").read_text())
-    curves = {m: {int(seed): points for seed, points in by_seed.items()} for m, by_seed in saved["curves"].items()}
+    saved, curves = read_curves(folder)
     args = argparse.Namespace(**saved["settings"])
     result, table = write_results(folder, args, saved["settings"], curves, saved["benchmark_seconds"],
                                   saved["machine"])

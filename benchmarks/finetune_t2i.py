@@ -368,10 +368,11 @@ def recorded_settings(args):
 
 
 def rederive(folder):
-    folder = Path(folder)
-    saved = json.loads((folder / "curves.json").read_text())
-    curves = {m: {int(seed): points for seed, points in by_seed.items()} for m, by_seed in saved["curves"].items()}
-    table = write_report(folder, saved["settings"], curves, saved["benchmark_seconds"], saved["machine"])
+    """The summary, comparisons, results.md and plot again from `folder`'s curves.json (nothing trained or scored)."""
+    import convergence
+
+    saved, curves = convergence.read_curves(folder)
+    table = write_report(Path(folder), saved["settings"], curves, saved["benchmark_seconds"], saved["machine"])
     print(table)
     return table
 

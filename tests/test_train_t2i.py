@@ -297,15 +297,8 @@ def test_bad_input_is_a_clear_error(assets, tmp_path):
 
 def test_two_processes_stage2(assets, stage1, tmp_path):
     """DDP on CPU (gloo) through accelerate's torchrun launcher, past the guide stop."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29571",
-           str(ROOT / "examples" / "train_self_transcendence_t2i.py"),
-           *flags(assets, "sd3", tmp_path / "ddp", guiding_model_name_or_path=stage1["sd3"], guide_stop_step=1,
-                  max_train_steps=2, train_batch_size=1)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_ddp(flags(assets, "sd3", tmp_path / "ddp", guiding_model_name_or_path=stage1["sd3"], guide_stop_step=1,
+                     max_train_steps=2, train_batch_size=1), 29571)
     ckpt = tmp_path / "ddp" / "checkpoint-2"
     states = [json.loads((ckpt / f"data_state_rank{r}.json").read_text()) for r in (0, 1)]
     assert [(s["epoch"], s["position"], s["process_index"]) for s in states] == [(0, 2, 0), (0, 2, 1)]
@@ -336,16 +329,27 @@ use_cpu: false
 """
 
 
-def launch_fsdp(tmp_path, argv, port):
-    config = tmp_path / "fsdp.yaml"
-    config.write_text(FSDP_CONFIG % port)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           str(ROOT / "tests" / "fsdp_on_cpu.py"), str(ROOT / "examples" / "train_self_transcendence_t2i.py"), *argv]
+def _launch(launcher_args, argv):
+    """`accelerate launch` of the text-to-image script on 2 CPU processes (gloo, one thread each); asserts it exits 0."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def launch_ddp(argv, port):
+    return _launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "no", "--main_process_port", str(port),
+                    str(ROOT / "examples" / "train_self_transcendence_t2i.py")], argv)
+
+
+def launch_fsdp(tmp_path, argv, port):
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG % port)
+    return _launch(["--config_file", str(config), str(ROOT / "tests" / "fsdp_on_cpu.py"),
+                    str(ROOT / "examples" / "train_self_transcendence_t2i.py")], argv)
 
 
 def test_fsdp_two_processes_stage2_exports_full_ema_and_resumes_exactly(assets, stage1, tmp_path):
@@ -377,14 +381,7 @@ def test_fsdp_two_processes_stage2_exports_full_ema_and_resumes_exactly(assets, 
     # DDP without a mid-run checkpoint: its EMA save hook builds a model (`from_config`), which draws from the global
     # RNG on the main process and so changes the next steps' noise; FSDP's checkpoints draw nothing.
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29575",
-           str(ROOT / "examples" / "train_self_transcendence_t2i.py"),
-           *flags(assets, "sd3", ddp, **dict(common, checkpointing_steps=100))]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_ddp(flags(assets, "sd3", ddp, **dict(common, checkpointing_steps=100)), 29575)
     for step, row in read_losses(ddp).items():
         assert losses[step]["loss"] == pytest.approx(row["loss"], rel=1e-5), step
     reference = weights(ddp / "transformer")

@@ -10,6 +10,7 @@ diffusers pipeline and sampled, what the pipelines feed the transformer at sampl
 on (time, text, ids, guidance), and an exact resume."""
 
 import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -265,3 +266,45 @@ def test_resolutions_the_pipelines_cannot_sample_are_refused_before_training(ass
         t2i.main(run_flags(assets, "flux", tmp_path / "flux", stage=1, resolution=6))  # 3 x 3 latents
     with pytest.raises(ValueError, match="SanaPipeline samples only sides divisible by 32"):
         t2i.main(run_flags(assets, "sana", tmp_path / "sana", stage=1, resolution=16))
+
+
+# LoRA through the script on the families whose diffusers pipelines load LoRA weights (SD3 and PixArt:
+# tests/test_train_t2i_lora.py)
+LORA_FAMILIES = ("flux", "sana", "qwenimage", "wan")
+
+
+@pytest.mark.parametrize("family", LORA_FAMILIES)
+def test_lora_both_stages_export_what_the_family_pipeline_loads(assets, family, tmp_path):
+    """Stage 1 with `--lora_rank`, then stage 2 guided by that adapter on the same base; the stage-2 output loads with
+    the family pipeline's own `load_lora_weights` (every saved tensor, unchanged) and changes what it samples."""
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from diffusers_selftrans import lora as L
+
+    lora = dict(lora_rank=4, max_train_steps=2, checkpointing_steps=100, learning_rate=1e-2, ema_decay=0.5)
+    s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
+    t2i.main(run_flags(assets, family, s1, stage=1, **lora))
+    t2i.main(run_flags(assets, family, s2, guiding_model_name_or_path=s1, guide_stop_step=2, **lora))
+    assert read_losses(s1)[2]["loss_vae_align"] > 0 and read_losses(s2)[2]["loss_guide"] > 0
+    assert json.loads((s2 / L.LORA_RECORD_NAME).read_text())["family"] == family
+
+    def images(pipe):
+        kwargs = {"wan": {"num_frames": 1}, "sana": {"use_resolution_binning": False}}.get(family, {})
+        out = pipe(prompt=list(PROMPTS), height=RESOLUTION[family], width=RESOLUTION[family], num_inference_steps=2,
+                   max_sequence_length=TEXT_LENGTH.get(family, 16), output_type="np",
+                   generator=torch.Generator().manual_seed(0), **kwargs)
+        return out.frames[:, 0] if family == "wan" else out.images
+
+    pipe = getattr(diffusers, PIPELINE_CLASS[family]).from_pretrained(assets / f"pipe_{family}")
+    pipe.set_progress_bar_config(disable=True)
+    before = images(pipe)
+    pipe.load_lora_weights(s2, adapter_name="selftrans")
+    saved = load_file(s2 / L.LORA_WEIGHT_NAME)
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="selftrans")
+    assert {f"{L.LORA_PREFIX}.{k}" for k in loaded} == set(saved)
+    for key, value in loaded.items():
+        torch.testing.assert_close(value, saved[f"{L.LORA_PREFIX}.{key}"], rtol=0, atol=0)
+    after = images(pipe)
+    assert np.isfinite(after).all() and np.abs(after - before).max() > 1e-4

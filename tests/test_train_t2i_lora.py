@@ -4,8 +4,6 @@ diffusers' LoRA format (`load_lora_weights` on the base pipeline); stage 2 guide
 base, on the student's own module (one base in memory); exact resume from adapter checkpoints; refusals."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import convergence_t2i  # noqa: E402  (the tiny pipeline builder)
 import diffusers  # noqa: E402
 import train_self_transcendence_t2i as t2i  # noqa: E402
-from test_train_t2i import RESOLUTION, flags, read_losses  # noqa: E402
+from test_train_t2i import RESOLUTION, flags, launch_ddp, read_losses  # noqa: E402
 
 from diffusers_selftrans import lora as L  # noqa: E402
 from diffusers_selftrans.provenance import ProvenanceError  # noqa: E402
@@ -274,15 +272,8 @@ def test_refusals(assets, stage1, tmp_path):
 
 def test_two_processes_stage2_lora(assets, stage1, tmp_path):
     """DDP on CPU (gloo), stage 2 with the stage-1 adapter as teacher, past the guide stop."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29581",
-           str(ROOT / "examples" / "train_self_transcendence_t2i.py"),
-           *flags(assets, "sd3", tmp_path / "ddp", guiding_model_name_or_path=stage1[0], guide_stop_step=1,
-                  max_train_steps=2, train_batch_size=1, **LORA)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_ddp(flags(assets, "sd3", tmp_path / "ddp", guiding_model_name_or_path=stage1[0], guide_stop_step=1,
+                     max_train_steps=2, train_batch_size=1, **LORA), 29581)
     losses = read_losses(tmp_path / "ddp")
     assert losses[1]["loss_guide"] > 0 and "loss_guide" not in losses[2]
     assert (tmp_path / "ddp" / "checkpoint-2" / L.LORA_CHECKPOINT_NAME).is_file()
@@ -320,14 +311,7 @@ def test_fsdp_two_processes_stage2_lora_exports_the_ema_adapter_and_resumes_exac
     # the same run under DDP (one whole base per process, the teacher pass on the unwrapped module): the same losses,
     # so the same guide targets and gradients, and the same exported adapter up to float rounding
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29584",
-           str(ROOT / "examples" / "train_self_transcendence_t2i.py"),
-           *flags(assets, "sd3", ddp, **dict(common, checkpointing_steps=100))]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_ddp(flags(assets, "sd3", ddp, **dict(common, checkpointing_steps=100)), 29584)
     for step, row in read_losses(ddp).items():
         for key in ("loss", "loss_diff", "loss_guide"):
             if key in row:
@@ -372,18 +356,11 @@ def test_fsdp_two_processes_stage1_and_base_teacher_lora_equal_ddp(assets, tmp_p
     module), have the DDP runs' losses and export the same EMA adapter and head up to float rounding."""
     from test_train_t2i import launch_fsdp
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     for i, extra in enumerate([dict(stage=1), dict(lora_teacher="base", guide_stop_step=2)]):
         common = dict(max_train_steps=2, train_batch_size=1, checkpointing_steps=100, **extra, **LORA)
         fsdp, ddp = tmp_path / f"fsdp{i}", tmp_path / f"ddp{i}"
         launch_fsdp(tmp_path, flags(assets, "sd3", fsdp, **common), 29586 + i)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(29588 + i), str(ROOT / "examples" / "train_self_transcendence_t2i.py"),
-               *flags(assets, "sd3", ddp, **common)]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+        launch_ddp(flags(assets, "sd3", ddp, **common), 29588 + i)
         a, b = read_losses(fsdp), read_losses(ddp)
         assert sorted(a) == sorted(b) == [1, 2]
         term = "loss_vae_align" if i == 0 else "loss_guide"
